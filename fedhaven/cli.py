@@ -1,0 +1,128 @@
+"""``fedhaven`` command line. User errors print one line and exit 2, without a traceback."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedhaven.errors import FedhavenError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False
+)
+console = Console()
+err = Console(stderr=True)
+
+
+@app.callback()
+def _root() -> None:
+    """Federated, differentially private LoRA fine-tuning on Flower."""
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _progress(line: dict[str, Any]) -> None:
+    g = line["global"]
+    console.print(
+        f"round {line['round']:>3}  {line['wall_s']:7.1f}s  "
+        f"macro-F1 {g['macro_f1']:.3f}  accuracy {g['accuracy']:.3f}  "
+        f"max site ε {_fmt(line['max_epsilon'], 2)}"
+    )
+
+
+def _summary_table(summary: dict[str, Any]) -> None:
+    g = summary["global"]
+    console.print(
+        f"\n[bold]global[/bold] (held-out set): macro-F1 {g['macro_f1']:.3f}  "
+        f"accuracy {g['accuracy']:.3f}  per-class F1 "
+        + ", ".join(f"{name} {f:.2f}" for name, f in zip(summary["labels"], g["per_class_f1"], strict=True))
+    )
+    table = Table(title="sites")
+    for col in ("site", "examples", "val accuracy", "val macro-F1", "ε"):
+        table.add_column(col, justify="right")
+    for i, (node, s) in enumerate(sorted(summary["sites"].items()), start=1):
+        table.add_row(f"{i} ({node})", str(s["examples"]), _fmt(s["accuracy"]), _fmt(s["macro_f1"]),
+                      _fmt(s["epsilon"], 2))
+    console.print(table)
+    delta = summary["delta"]
+    console.print(
+        f"rounds {summary['rounds']}  wall {summary['wall_s']:.0f}s  "
+        f"{summary['bytes_per_site_round'] / 1e6:.2f} MB per site per round "
+        f"(full model {summary['full_model_bytes'] / 1e6:.0f} MB)  "
+        + (f"δ {delta:g}  " if delta else "no DP  ")
+        + f"→ {summary['run_dir']}"
+    )
+
+
+def _parse_set(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise FedhavenError(f"--set {item!r} is not KEY=VALUE: e.g. --set train.learning-rate=0.01")
+        out[key.strip()] = value.strip()
+    return out
+
+
+@app.command()
+def simulate(
+    rounds: Annotated[int | None, typer.Option(help="federation rounds")] = None,
+    sites: Annotated[int | None, typer.Option(help="simulated sites")] = None,
+    data: Annotated[str | None, typer.Option(help="training data: csv, jsonl or parquet")] = None,
+    test: Annotated[str | None, typer.Option(help="held-out set for server-side evaluation")] = None,
+    text_column: Annotated[str | None, typer.Option(help="column holding the text")] = None,
+    label_column: Annotated[str | None, typer.Option(help="column holding the label")] = None,
+    labels: Annotated[str | None, typer.Option(help="comma-separated label set, in order")] = None,
+    partition: Annotated[str | None, typer.Option(help="iid | dirichlet:ALPHA | column:NAME")] = None,
+    epsilon: Annotated[float | None, typer.Option(help="target ε per site over the run")] = None,
+    no_dp: Annotated[bool, typer.Option("--no-dp", help="train without differential privacy")] = False,
+    model: Annotated[str | None, typer.Option(help="local Hugging Face model directory")] = None,
+    lora_r: Annotated[int | None, typer.Option(help="LoRA rank")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed for partitioning and init")] = None,
+    out: Annotated[Path | None, typer.Option(help="run directory (default runs/<timestamp>)")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML file of run-config keys")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="any run-config KEY=VALUE")] = None,
+    verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's logs")] = False,
+) -> None:
+    """Run N simulated sites on this machine with Flower's simulation engine."""
+    from fedhaven.config import from_flat, load_toml
+    from fedhaven.simulations import simulate as run
+
+    flags: dict[str, Any] = {
+        "federation.rounds": rounds, "federation.sites": sites, "data.path": data,
+        "data.test-path": test, "data.text-column": text_column,
+        "data.label-column": label_column, "data.labels": labels, "data.partition": partition,
+        "privacy.epsilon": epsilon, "privacy.enabled": False if no_dp else None,
+        "model.path": model, "lora.r": lora_r, "train.seed": seed,
+        "federation.out-dir": str(out) if out else None,
+    }
+    flat = {**(load_toml(config) if config else {}), **_parse_set(set_ or [])}
+    flat |= {k: v for k, v in flags.items() if v is not None}
+    from_flat(flat)  # validate before anything starts
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore")
+    summary = run(flat, progress=_progress)
+    _summary_table(summary)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        app()
+    except FedhavenError as e:
+        err.print(f"error: {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

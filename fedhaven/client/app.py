@@ -1,0 +1,132 @@
+"""The site's Flower ClientApp: thin train / evaluate handlers around fedhaven.training.
+
+A site's data comes from its own node config (``data-path``) in a deployment, or from its
+partition of the run's dataset in a simulation (``partition-id`` / ``num-partitions``, set by
+Flower's simulation engine). The privacy accountant's history lives in the node's
+``context.state``, so ε is cumulative over the rounds of a run.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message
+from flwr.clientapp import ClientApp
+from torch.utils.data import TensorDataset
+
+from fedhaven import data as fdata
+from fedhaven import protocol
+from fedhaven.config import Config, from_flat
+from fedhaven.models import adapter_state, build_model, load_tokenizer, set_adapter_state
+from fedhaven.training import default_device, evaluate, train_round
+
+# Node-config keys (set by Flower's simulation engine, or by the site operator).
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+DATA_PATH = "data-path"
+# context.state record holding this site's accountant history across rounds.
+PRIVACY_STATE = "privacy"
+ACCOUNTANT = "accountant"
+
+
+def site_config(context: Context, overrides: Mapping[str, Any]) -> Config:
+    return from_flat({**context.run_config, **overrides})
+
+
+@functools.lru_cache(maxsize=8)
+def _site_data(cfg: Config, node_key: tuple[Any, ...]) -> tuple[TensorDataset, TensorDataset]:
+    # Cached per process: a Ray actor serves many rounds of the same sites.
+    kind, value, num = node_key
+    if kind == DATA_PATH:
+        ds = fdata.load(value, cfg.data)
+        seed = cfg.train.seed
+    else:
+        full = fdata.load(cfg.data.path, cfg.data)
+        idx = fdata.partition(full, cfg.data, num, cfg.train.seed)[value]
+        ds, seed = full.select(idx), cfg.train.seed + value
+    train, val = fdata.split_train_val(ds, cfg.data.val_fraction, seed)
+    tok = load_tokenizer(cfg.model.path)
+    return (
+        fdata.tokenize(train, tok, cfg.model.max_length),
+        fdata.tokenize(val, tok, cfg.model.max_length),
+    )
+
+
+def site_data(cfg: Config, context: Context) -> tuple[TensorDataset, TensorDataset]:
+    node = context.node_config
+    if DATA_PATH in node:
+        key: tuple[Any, ...] = (DATA_PATH, str(node[DATA_PATH]), 1)
+    else:
+        key = (PARTITION_ID, int(node[PARTITION_ID]), int(node[NUM_PARTITIONS]))
+    return _site_data(cfg, key)
+
+
+def _global_model(cfg: Config, msg: Message):  # noqa: ANN202 - a PeftModel
+    model = build_model(cfg, default_device())
+    set_adapter_state(model, protocol.from_record(msg.content[protocol.ARRAYS]))
+    return model
+
+
+def handle_train(msg: Message, context: Context, overrides: Mapping[str, Any]) -> Message:
+    cfg = site_config(context, overrides)
+    train, _ = site_data(cfg, context)
+    model = _global_model(cfg, msg)
+    state = context.state.get(PRIVACY_STATE)
+    history = json.loads(str(state[ACCOUNTANT])) if state else None
+    result = train_round(model, train, cfg, accountant_state=history)
+    metrics: dict[str, float] = {
+        protocol.NUM_EXAMPLES: result.num_examples,
+        protocol.TRAIN_LOSS: result.loss,
+        protocol.STEPS: result.steps,
+    }
+    if result.epsilon is not None:
+        context.state[PRIVACY_STATE] = ConfigRecord(
+            {ACCOUNTANT: json.dumps(result.accountant_state)}
+        )
+        metrics[protocol.EPSILON] = result.epsilon
+        metrics[protocol.NOISE_MULTIPLIER] = float(result.noise_multiplier or 0.0)
+    content = protocol.train_reply(adapter_state(model), metrics)
+    protocol.check_reply(content, train=True)
+    return Message(content, reply_to=msg)
+
+
+def handle_evaluate(msg: Message, context: Context, overrides: Mapping[str, Any]) -> Message:
+    cfg = site_config(context, overrides)
+    _, val = site_data(cfg, context)
+    ev = evaluate(_global_model(cfg, msg), val, cfg)
+    metrics: dict[str, float] = {protocol.NUM_EXAMPLES: ev["num_examples"]}
+    if ev["num_examples"]:
+        metrics |= {
+            protocol.LOSS: ev["loss"],
+            protocol.ACCURACY: ev["accuracy"],
+            protocol.MACRO_F1: ev["macro_f1"],
+        }
+    content = protocol.evaluate_reply(metrics)
+    protocol.check_reply(content, train=False)
+    return Message(content, reply_to=msg)
+
+
+def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ClientApp whose run config is ``context.run_config`` updated with ``overrides``.
+
+    ``flwr run`` uses the module-level :data:`app`; ``fedhaven simulate`` passes its flags
+    as overrides (Flower's in-process simulation gives the apps an empty run config).
+    """
+    fixed = dict(overrides or {})
+    client = ClientApp()
+
+    @client.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handle_train(msg, context, fixed)
+
+    @client.evaluate()
+    def evaluate_(msg: Message, context: Context) -> Message:
+        return handle_evaluate(msg, context, fixed)
+
+    return client
+
+
+app = make_client_app()

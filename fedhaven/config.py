@@ -1,0 +1,286 @@
+"""The one typed run configuration.
+
+Flower's run-config is flat (``{"train.learning-rate": 0.01, ...}``, values str|int|float|bool).
+:func:`from_flat` turns it into a frozen :class:`Config` once, at each app boundary; everything
+inward takes typed objects. Flat keys are ``<section>.<field>`` with ``-`` for ``_``.
+Unknown keys and bad values raise :class:`~fedhaven.errors.FedhavenError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from fedhaven.errors import FedhavenError
+
+#: Marks the bundled model / data (shipped by the packages installed with fedhaven).
+BUNDLED = "bundled"
+
+Scalar = str | int | float | bool
+
+
+def _require(ok: bool, key: str, value: Any, fix: str) -> None:
+    if not ok:
+        raise FedhavenError(f"config '{key}' = {value!r} is invalid: {fix}")
+
+
+def _split(csv: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in csv.split(",") if s.strip())
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = BUNDLED  # local HF directory, or "bundled" for all-MiniLM-L6-v2
+    max_length: int = 128
+
+    def __post_init__(self) -> None:
+        _require(self.max_length >= 8, "model.max-length", self.max_length, "use at least 8 tokens")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: str = "query,value"  # comma-separated module names
+    modules_to_save: str = "classifier"  # fully trained and sent besides the adapter
+    layers: str = ""  # comma-separated layer indices to adapt; "" = every layer
+
+    def __post_init__(self) -> None:
+        _require(self.r >= 1, "lora.r", self.r, "the LoRA rank must be >= 1")
+        _require(self.alpha > 0, "lora.alpha", self.alpha, "must be > 0")
+        _require(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "must be in [0, 1)")
+        _require(bool(_split(self.target_modules)), "lora.target-modules", self.target_modules,
+                 "name at least one module, e.g. 'query,value'")
+        _require(all(i.isdigit() for i in _split(self.layers)), "lora.layers", self.layers,
+                 "give comma-separated layer indices like '4,5', or '' for every layer")
+
+    @property
+    def targets(self) -> list[str]:
+        return list(_split(self.target_modules))
+
+    @property
+    def saved_modules(self) -> list[str]:
+        return list(_split(self.modules_to_save))
+
+    @property
+    def layer_indices(self) -> list[int] | None:
+        return [int(i) for i in _split(self.layers)] or None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    learning_rate: float = 0.05
+    lora_learning_rate: float = 0.0  # 0 = same as learning-rate; LoRA often wants less
+    weight_decay: float = 0.01
+    local_epochs: int = 1
+    local_steps: int = 0  # > 0 overrides local-epochs: optimizer steps per round
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.learning_rate > 0, "train.learning-rate", self.learning_rate, "must be > 0")
+        _require(self.lora_learning_rate >= 0, "train.lora-learning-rate",
+                 self.lora_learning_rate, "must be >= 0 (0 means: same as learning-rate)")
+        _require(self.weight_decay >= 0, "train.weight-decay", self.weight_decay, "must be >= 0")
+        _require(self.local_epochs >= 1, "train.local-epochs", self.local_epochs, "must be >= 1")
+        _require(self.local_steps >= 0, "train.local-steps", self.local_steps,
+                 "must be >= 0 (0 means: use local-epochs)")
+        _require(self.batch_size >= 1, "train.batch-size", self.batch_size, "must be >= 1")
+        _require(self.eval_batch_size >= 1, "train.eval-batch-size", self.eval_batch_size,
+                 "must be >= 1")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    enabled: bool = True
+    epsilon: float = 8.0  # target ε per site over the planned rounds
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+
+    def __post_init__(self) -> None:
+        _require(self.epsilon > 0, "privacy.epsilon", self.epsilon, "ε must be > 0")
+        _require(0 < self.delta < 1, "privacy.delta", self.delta, "δ must be in (0, 1)")
+        _require(self.max_grad_norm > 0, "privacy.max-grad-norm", self.max_grad_norm,
+                 "must be > 0")
+        _require(self.accountant in ("rdp", "prv"), "privacy.accountant", self.accountant,
+                 "use 'rdp' or 'prv'")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = BUNDLED  # csv / jsonl / parquet, or "bundled" for the drug-review set
+    test_path: str = BUNDLED  # held-out set for server-side evaluation
+    text_column: str = "review"
+    label_column: str = "rating"
+    labels: str = "negative,neutral,positive"  # fixed label order, the same at every site
+    val_fraction: float = 0.2  # of each site's rows, for federated evaluation
+    partition: str = "dirichlet:1.0"  # iid | dirichlet:ALPHA | column:NAME (simulation)
+
+    def __post_init__(self) -> None:
+        names = _split(self.labels)
+        _require(len(names) >= 2, "data.labels", self.labels,
+                 "give at least two comma-separated labels")
+        _require(len(set(names)) == len(names), "data.labels", self.labels,
+                 "labels must be unique")
+        _require(0.0 <= self.val_fraction < 1.0, "data.val-fraction", self.val_fraction,
+                 "must be in [0, 1)")
+        _require(bool(self.text_column), "data.text-column", self.text_column, "name a column")
+        _require(bool(self.label_column), "data.label-column", self.label_column,
+                 "name a column")
+        self.partition_scheme  # validates  # noqa: B018
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(_split(self.labels))
+
+    @property
+    def partition_scheme(self) -> tuple[str, float | str | None]:
+        """``("iid", None)``, ``("dirichlet", alpha)`` or ``("column", name)``."""
+        kind, _, arg = self.partition.partition(":")
+        fix = "use iid, dirichlet:ALPHA (ALPHA > 0) or column:NAME"
+        if kind == "iid" and not arg:
+            return "iid", None
+        if kind == "column" and arg:
+            return "column", arg
+        if kind == "dirichlet":
+            try:
+                alpha = float(arg)
+            except ValueError:
+                alpha = -1.0
+            _require(alpha > 0, "data.partition", self.partition, fix)
+            return "dirichlet", alpha
+        raise FedhavenError(f"config 'data.partition' = {self.partition!r} is invalid: {fix}")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    rounds: int = 5
+    sites: int = 4  # simulated sites (fedhaven simulate)
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_sites: int = 2
+    out_dir: str = ""  # the run directory; "" = runs/<timestamp>
+
+    def __post_init__(self) -> None:
+        _require(self.rounds >= 1, "federation.rounds", self.rounds, "must be >= 1")
+        _require(self.sites >= 1, "federation.sites", self.sites, "must be >= 1")
+        _require(0.0 < self.fraction_train <= 1.0, "federation.fraction-train",
+                 self.fraction_train, "must be in (0, 1]")
+        _require(0.0 <= self.fraction_evaluate <= 1.0, "federation.fraction-evaluate",
+                 self.fraction_evaluate, "must be in [0, 1]")
+        _require(self.min_sites >= 1, "federation.min-sites", self.min_sites, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+
+    def to_flat(self) -> dict[str, Scalar]:
+        """The flat form Flower's run-config uses (inverse of :func:`from_flat`)."""
+        return {
+            _flat_key(sec.name, f.name): getattr(getattr(self, sec.name), f.name)
+            for sec in fields(self)
+            for f in fields(getattr(self, sec.name))
+        }
+
+    def replace(self, **flat: Scalar) -> Config:
+        """A copy with some flat keys changed (validated like :func:`from_flat`)."""
+        return from_flat({**self.to_flat(), **flat})
+
+
+def _flat_key(section: str, name: str) -> str:
+    return f"{section}.{name.replace('_', '-')}"
+
+
+def _coerce(key: str, value: Any, typ: type) -> Scalar:
+    # bool is an int subclass: check it first so True never passes as 1
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif typ is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    raise FedhavenError(
+        f"config '{key}' = {value!r} is invalid: expected a {typ.__name__}"
+    )
+
+
+def valid_keys() -> list[str]:
+    return list(Config().to_flat())
+
+
+def from_flat(flat: Mapping[str, Any]) -> Config:
+    """Build the typed config from a flat mapping; absent keys take their defaults."""
+    sections: dict[str, dict[str, Scalar]] = {f.name: {} for f in fields(Config)}
+    types: dict[str, tuple[str, str, type]] = {}
+    for sec in fields(Config):
+        sec_type = get_type_hints(Config)[sec.name]
+        hints = get_type_hints(sec_type)
+        for f in fields(sec_type):
+            types[_flat_key(sec.name, f.name)] = (sec.name, f.name, hints[f.name])
+    for key, value in flat.items():
+        if key not in types:
+            raise FedhavenError(
+                f"unknown config key '{key}': valid keys are {', '.join(types)}"
+            )
+        sec_name, name, typ = types[key]
+        sections[sec_name][name] = _coerce(key, value, typ)
+    hints = get_type_hints(Config)
+    return Config(**{name: hints[name](**values) for name, values in sections.items()})
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a run-config TOML file (nested tables or dotted keys) into flat form."""
+    p = Path(path)
+    if not p.is_file():
+        raise FedhavenError(f"config file '{p}' not found: pass an existing TOML file")
+    try:
+        data = tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise FedhavenError(f"config file '{p}' is not valid TOML ({e}): fix its syntax") from e
+    # accept a pyproject-style file too
+    data = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", data)
+    return _flatten(data)
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out

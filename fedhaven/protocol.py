@@ -1,0 +1,110 @@
+"""What crosses the wire, in one place: message keys, the outgoing allow-list, and the
+adapter tensors <-> ``ArrayRecord`` conversion.
+
+No other module spells a message key. A site's reply carries exactly one ``ArrayRecord``
+(the adapter + head tensors, train replies only) and one ``MetricRecord`` whose keys are in
+:data:`TRAIN_METRICS` / :data:`EVALUATE_METRICS`; nothing else leaves a site.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+# Record names inside a Message's RecordDict (Flower strategies take them as arguments).
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+
+# Config keys the coordinator sends.
+SERVER_ROUND = "server-round"  # injected by Flower's strategies
+
+# Metric keys a site may send. NUM_EXAMPLES weights FedAvg.
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+EPSILON = "epsilon"  # cumulative ε of this site after the round (absent without DP)
+NOISE_MULTIPLIER = "noise-multiplier"
+STEPS = "steps"
+LOSS = "loss"
+ACCURACY = "accuracy"
+MACRO_F1 = "macro-f1"
+
+TRAIN_METRICS = frozenset({NUM_EXAMPLES, TRAIN_LOSS, EPSILON, NOISE_MULTIPLIER, STEPS})
+EVALUATE_METRICS = frozenset({NUM_EXAMPLES, LOSS, ACCURACY, MACRO_F1})
+
+# Opacus wraps a model as GradSampleModule(_module=...): its state_dict keys gain this prefix.
+OPACUS_PREFIX = "_module."
+
+
+def canonical_name(name: str) -> str:
+    """A parameter name without wrapper prefixes, as the PEFT model itself names it."""
+    while name.startswith(OPACUS_PREFIX):
+        name = name[len(OPACUS_PREFIX) :]
+    return name
+
+
+def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """Adapter tensors -> ArrayRecord (keys are the canonical PEFT parameter names)."""
+    return ArrayRecord({canonical_name(k): v.detach().cpu() for k, v in state.items()})
+
+
+def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """ArrayRecord -> adapter tensors (the caller loads them strictly)."""
+    return {k: torch.from_numpy(v.numpy().copy()) for k, v in record.items()}
+
+
+def record_nbytes(record: ArrayRecord) -> int:
+    """Bytes of tensor payload in an ArrayRecord."""
+    return sum(len(a.data) for a in record.values())
+
+
+def train_reply(state: Mapping[str, torch.Tensor], metrics: Mapping[str, float]) -> RecordDict:
+    return RecordDict({ARRAYS: to_record(state), METRICS: MetricRecord(dict(metrics))})
+
+
+def evaluate_reply(metrics: Mapping[str, float]) -> RecordDict:
+    return RecordDict({METRICS: MetricRecord(dict(metrics))})
+
+
+def check_reply(
+    content: RecordDict, *, train: bool, expected: Mapping[str, tuple[int, ...]] | None = None
+) -> None:
+    """Raise ``ValueError`` unless ``content`` holds only what may leave a site.
+
+    Train replies: one ArrayRecord named :data:`ARRAYS` whose keys (and shapes, when
+    ``expected`` is given) are the adapter's, plus the metrics record. Evaluate replies:
+    the metrics record only. Metric keys must be in the allow-list.
+    """
+    allowed = {METRICS, ARRAYS} if train else {METRICS}
+    extra = set(content.keys()) - allowed
+    if extra:
+        raise ValueError(f"reply carries records outside the allow-list: {sorted(extra)}")
+    if not isinstance(content.get(METRICS), MetricRecord):
+        raise ValueError(f"reply has no MetricRecord '{METRICS}'")
+    metric_keys = set(content[METRICS].keys())
+    bad = metric_keys - (TRAIN_METRICS if train else EVALUATE_METRICS)
+    if bad:
+        raise ValueError(f"reply carries metrics outside the allow-list: {sorted(bad)}")
+    if NUM_EXAMPLES not in metric_keys:
+        raise ValueError(f"reply has no '{NUM_EXAMPLES}'")
+    if not train:
+        return
+    arrays = content.get(ARRAYS)
+    if not isinstance(arrays, ArrayRecord):
+        raise ValueError(f"train reply has no ArrayRecord '{ARRAYS}'")
+    if expected is not None:
+        if set(arrays.keys()) != set(expected):
+            raise ValueError(
+                "reply tensors differ from the adapter's: "
+                f"unexpected {sorted(set(arrays.keys()) - set(expected))[:3]}, "
+                f"missing {sorted(set(expected) - set(arrays.keys()))[:3]}"
+            )
+        for k, arr in arrays.items():
+            if tuple(arr.shape) != tuple(expected[k]):
+                raise ValueError(f"reply tensor '{k}' has shape {arr.shape}, expected {expected[k]}")
+
+
+def train_config(server_round: int) -> ConfigRecord:
+    return ConfigRecord({SERVER_ROUND: server_round})

@@ -1,0 +1,167 @@
+"""The coordinator's Flower ServerApp: FedAvg over the adapter, server-side evaluation on
+the held-out set each round, federated evaluation on the sites' validation splits, and at
+the end the run directory: ``adapter/`` (PEFT format), ``metrics.jsonl``, ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedhaven import data as fdata
+from fedhaven import protocol
+from fedhaven.config import Config, from_flat
+from fedhaven.models import (
+    adapter_state,
+    build_model,
+    full_model_bytes,
+    load_tokenizer,
+    set_adapter_state,
+)
+from fedhaven.strategies import FedAvg
+from fedhaven.training import default_device, evaluate
+
+log = logging.getLogger(__name__)
+
+#: Called after each round with that round's line of metrics.jsonl (the CLI prints progress).
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+def run_dir(cfg: Config) -> Path:
+    if cfg.federation.out_dir:
+        return Path(cfg.federation.out_dir)
+    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def build_strategy(cfg: Config) -> FedAvg:
+    fed = cfg.federation
+    return FedAvg(
+        fraction_train=fed.fraction_train,
+        fraction_evaluate=fed.fraction_evaluate,
+        min_train_nodes=min(fed.min_sites, fed.sites),
+        min_evaluate_nodes=min(fed.min_sites, fed.sites) if fed.fraction_evaluate else 0,
+        min_available_nodes=min(fed.min_sites, fed.sites),
+    )
+
+
+def _site_rows(strategy: FedAvg, server_round: int) -> dict[str, dict[str, Any]]:
+    rows = {}
+    for node, kinds in sorted(strategy.site_metrics.get(server_round, {}).items()):
+        train, ev = kinds.get("train", {}), kinds.get("evaluate", {})
+        rows[str(node)] = {
+            "examples": int(train.get(protocol.NUM_EXAMPLES, 0)),
+            "epsilon": train.get(protocol.EPSILON),
+            "train_loss": train.get(protocol.TRAIN_LOSS),
+            "val_examples": int(ev.get(protocol.NUM_EXAMPLES, 0)),
+            "accuracy": ev.get(protocol.ACCURACY),
+            "macro_f1": ev.get(protocol.MACRO_F1),
+        }
+    return rows
+
+
+def run_server(grid: Grid, cfg: Config, progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Run the federation on ``grid`` and write the run directory; returns the summary."""
+    t0 = time.perf_counter()
+    out = run_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = cfg.data.label_names
+    test = fdata.tokenize(
+        fdata.load(cfg.data.test_path, cfg.data, split="test"),
+        load_tokenizer(cfg.model.path),
+        cfg.model.max_length,
+    )
+    model = build_model(cfg, default_device())
+    initial = protocol.to_record(adapter_state(model))
+    strategy = build_strategy(cfg)
+    history: list[dict[str, Any]] = []
+    final_eval: dict[str, Any] = {}
+    metrics_file = (out / "metrics.jsonl").open("w")
+
+    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        set_adapter_state(model, protocol.from_record(arrays))
+        ev = evaluate(model, test, cfg)
+        final_eval.update(ev)
+        if server_round > 0:
+            sites = _site_rows(strategy, server_round)
+            eps = [s["epsilon"] for s in sites.values() if s["epsilon"] is not None]
+            line = {
+                "round": server_round,
+                "wall_s": round(time.perf_counter() - t0, 2),
+                "global": {k: ev[k] for k in ("loss", "accuracy", "macro_f1", "per_class_f1")},
+                "max_epsilon": max(eps) if eps else None,
+                **strategy.round_stats.get(server_round, {}),
+                "sites": sites,
+            }
+            history.append(line)
+            metrics_file.write(json.dumps(line) + "\n")
+            metrics_file.flush()
+            if progress:
+                progress(line)
+        return MetricRecord(
+            {protocol.ACCURACY: ev["accuracy"], protocol.MACRO_F1: ev["macro_f1"], protocol.LOSS: ev["loss"]}
+        )
+
+    try:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=cfg.federation.rounds,
+            train_config=ConfigRecord(),
+            evaluate_config=ConfigRecord(),
+            evaluate_fn=evaluate_global,
+        )
+    finally:
+        metrics_file.close()
+
+    set_adapter_state(model, protocol.from_record(result.arrays))
+    model.save_pretrained(out / "adapter")
+    load_tokenizer(cfg.model.path).save_pretrained(out / "adapter")
+
+    last = history[-1] if history else {}
+    sites = {}
+    for line in history:  # a site's latest round it took part in
+        for node, row in line["sites"].items():
+            sites[node] = {"examples": row["examples"], "epsilon": row["epsilon"], "accuracy": row["accuracy"],
+                           "macro_f1": row["macro_f1"], "last_round": line["round"]}
+    summary = {
+        "rounds": len(history),
+        "labels": labels,
+        "global": {k: final_eval[k] for k in ("accuracy", "macro_f1", "loss", "per_class_f1", "confusion")},
+        "sites": sites,
+        "bytes_per_site_round": protocol.record_nbytes(initial),
+        "full_model_bytes": full_model_bytes(model.get_base_model()),
+        "max_epsilon": last.get("max_epsilon"),
+        "delta": cfg.privacy.delta if cfg.privacy.enabled else None,
+        "wall_s": round(time.perf_counter() - t0, 2),
+        "config": cfg.to_flat(),
+        "versions": {p: version(p) for p in ("flwr", "torch", "transformers", "peft", "opacus")},
+        "run_dir": str(out),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def make_server_app(
+    overrides: Mapping[str, Any] | None = None, progress: ProgressFn | None = None
+) -> ServerApp:
+    """A ServerApp whose run config is ``context.run_config`` updated with ``overrides``."""
+    fixed = dict(overrides or {})
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_server(grid, from_flat({**context.run_config, **fixed}), progress)
+
+    return server
+
+
+app = make_server_app()
