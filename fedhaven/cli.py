@@ -44,14 +44,21 @@ def _summary_table(summary: dict[str, Any]) -> None:
     console.print(
         f"\n[bold]global[/bold] (held-out set): macro-F1 {g['macro_f1']:.3f}  "
         f"accuracy {g['accuracy']:.3f}  per-class F1 "
-        + ", ".join(f"{name} {f:.2f}" for name, f in zip(summary["labels"], g["per_class_f1"], strict=True))
+        + ", ".join(
+            f"{name} {f:.2f}" for name, f in zip(summary["labels"], g["per_class_f1"], strict=True)
+        )
     )
     table = Table(title="sites")
     for col in ("site", "examples", "val accuracy", "val macro-F1", "ε"):
         table.add_column(col, justify="right")
     for i, (node, s) in enumerate(sorted(summary["sites"].items()), start=1):
-        table.add_row(f"{i} ({node})", str(s["examples"]), _fmt(s["accuracy"]), _fmt(s["macro_f1"]),
-                      _fmt(s["epsilon"], 2))
+        table.add_row(
+            f"{i} ({node})",
+            str(s["examples"]),
+            _fmt(s["accuracy"]),
+            _fmt(s["macro_f1"]),
+            _fmt(s["epsilon"], 2),
+        )
     console.print(table)
     delta = summary["delta"]
     console.print(
@@ -68,7 +75,9 @@ def _parse_set(items: list[str]) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise FedhavenError(f"--set {item!r} is not KEY=VALUE: e.g. --set train.learning-rate=0.01")
+            raise FedhavenError(
+                f"--set {item!r} is not KEY=VALUE: e.g. --set train.learning-rate=0.01"
+            )
         out[key.strip()] = value.strip()
     return out
 
@@ -78,40 +87,59 @@ def simulate(
     rounds: Annotated[int | None, typer.Option(help="federation rounds")] = None,
     sites: Annotated[int | None, typer.Option(help="simulated sites")] = None,
     data: Annotated[str | None, typer.Option(help="training data: csv, jsonl or parquet")] = None,
-    test: Annotated[str | None, typer.Option(help="held-out set for server-side evaluation")] = None,
+    test: Annotated[
+        str | None, typer.Option(help="held-out set for server-side evaluation")
+    ] = None,
     text_column: Annotated[str | None, typer.Option(help="column holding the text")] = None,
     label_column: Annotated[str | None, typer.Option(help="column holding the label")] = None,
     labels: Annotated[str | None, typer.Option(help="comma-separated label set, in order")] = None,
-    partition: Annotated[str | None, typer.Option(help="iid | dirichlet:ALPHA | column:NAME")] = None,
+    partition: Annotated[
+        str | None, typer.Option(help="iid | dirichlet:ALPHA | column:NAME")
+    ] = None,
     epsilon: Annotated[float | None, typer.Option(help="target ε per site over the run")] = None,
-    no_dp: Annotated[bool, typer.Option("--no-dp", help="train without differential privacy")] = False,
+    no_dp: Annotated[
+        bool, typer.Option("--no-dp", help="train without differential privacy")
+    ] = False,
     model: Annotated[str | None, typer.Option(help="local Hugging Face model directory")] = None,
     lora_r: Annotated[int | None, typer.Option(help="LoRA rank")] = None,
     seed: Annotated[int | None, typer.Option(help="seed for partitioning and init")] = None,
-    out: Annotated[Path | None, typer.Option(help="run directory (default runs/<timestamp>)")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="run directory (default runs/<timestamp>)")
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="TOML file of run-config keys")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="any run-config KEY=VALUE")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="any run-config KEY=VALUE")
+    ] = None,
     verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's logs")] = False,
 ) -> None:
     """Run N simulated sites on this machine with Flower's simulation engine."""
     from fedhaven.config import from_flat, load_toml
-    from fedhaven.simulations import simulate as run
 
     flags: dict[str, Any] = {
-        "federation.rounds": rounds, "federation.sites": sites, "data.path": data,
-        "data.test-path": test, "data.text-column": text_column,
-        "data.label-column": label_column, "data.labels": labels, "data.partition": partition,
-        "privacy.epsilon": epsilon, "privacy.enabled": False if no_dp else None,
-        "model.path": model, "lora.r": lora_r, "train.seed": seed,
+        "federation.rounds": rounds,
+        "federation.sites": sites,
+        "data.path": data,
+        "data.test-path": test,
+        "data.text-column": text_column,
+        "data.label-column": label_column,
+        "data.labels": labels,
+        "data.partition": partition,
+        "privacy.epsilon": epsilon,
+        "privacy.enabled": False if no_dp else None,
+        "model.path": model,
+        "lora.r": lora_r,
+        "train.seed": seed,
         "federation.out-dir": str(out) if out else None,
     }
     flat = {**(load_toml(config) if config else {}), **_parse_set(set_ or [])}
     flat |= {k: v for k, v in flags.items() if v is not None}
-    from_flat(flat)  # validate before anything starts
+    from_flat(flat)  # validate before the heavy imports and anything else starts
+    from fedhaven.simulations import simulate as run
+
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
         warnings.filterwarnings("ignore")
-    summary = run(flat, progress=_progress)
+    summary = run(flat, progress=_progress, verbose=verbose)
     _summary_table(summary)
 
 
@@ -120,7 +148,7 @@ def main() -> None:
     try:
         app()
     except FedhavenError as e:
-        err.print(f"error: {e}", highlight=False, soft_wrap=True)
+        err.print(f"error: {e}", highlight=False, soft_wrap=True, markup=False)
         sys.exit(2)
 
 

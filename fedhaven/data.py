@@ -69,16 +69,26 @@ def read_table(path: str, *, split: str = "train") -> Dataset:
         return bundled_drug_reviews(split)
     p = Path(path).expanduser()
     if not p.is_file():
-        raise FedhavenError(f"data file '{p}' not found: pass an existing csv, jsonl or parquet file")
+        raise FedhavenError(
+            f"data file '{p}' not found: pass an existing csv, jsonl or parquet file"
+        )
     reader = _READERS.get(p.suffix.lower())
     if reader is None:
         raise FedhavenError(
-            f"data file '{p}' has unsupported format '{p.suffix}': use .csv, .tsv, .jsonl or .parquet"
+            f"data file '{p}' has unsupported format '{p.suffix}': "
+            "use .csv, .tsv, .jsonl or .parquet"
         )
     if p.stat().st_size == 0:
         raise FedhavenError(f"data file '{p}' is empty: it needs a header and labeled rows")
     try:
         ds = reader(str(p))
+    except ValueError as e:
+        if "corresponds to no data" in str(e):  # what `datasets` says of a header-only file
+            raise FedhavenError(f"data file '{p}' has no rows: it needs labeled rows") from e
+        raise FedhavenError(
+            f"data file '{p}' could not be read as {p.suffix[1:]} ({type(e).__name__}): "
+            "check its format and encoding"
+        ) from e
     except Exception as e:  # pyarrow / json errors have many types; all mean "unreadable"
         raise FedhavenError(
             f"data file '{p}' could not be read as {p.suffix[1:]} ({type(e).__name__}): "
@@ -171,7 +181,7 @@ def partition(ds: Dataset, cfg: DataConfig, num_sites: int, seed: int) -> list[n
 
 def split_train_val(ds: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
     """A site's own train / validation split (validation feeds federated evaluation)."""
-    n_val = int(round(len(ds) * val_fraction))
+    n_val = round(len(ds) * val_fraction)
     if n_val == 0 or len(ds) - n_val < 1:
         return ds, ds.select([])
     order = np.random.default_rng(seed).permutation(len(ds))

@@ -14,7 +14,14 @@ from pathlib import Path
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, TaskType, get_peft_model
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from torch import nn
+from transformers import (
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from fedhaven.config import BUNDLED, Config
 from fedhaven.errors import FedhavenError
@@ -47,28 +54,77 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(resolve_model_path(path))
 
 
-@functools.lru_cache(maxsize=2)
-def _cached_peft_model(cfg: Config, device: str) -> PeftModel:
-    # Loaded once per process (a Ray actor, a site process): rounds deep-copy this.
+class MeanPoolingClassifier(nn.Module):
+    """Encoder + masked mean pooling + a linear ``classifier``.
+
+    Sentence encoders (all-MiniLM-L6-v2 among them) were trained to embed a text as the mean
+    of its token states; their [CLS] pooler never was. Under DP noise that matters: a linear
+    head on the mean embedding learns where one on the untrained pooler collapses to the
+    majority class (BENCHMARKS.md).
+    """
+
+    def __init__(self, encoder: nn.Module, num_labels: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.config = encoder.config
+        self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: object
+    ) -> SequenceClassifierOutput:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return SequenceClassifierOutput(logits=self.classifier(pooled))
+
+
+def build_base(cfg: Config) -> nn.Module:
+    """The frozen-to-be base model with a fresh, seeded head (before LoRA)."""
     labels = cfg.data.label_names
-    torch.manual_seed(cfg.train.seed)  # same classifier / LoRA-A init everywhere
-    base = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model_path(cfg.model.path),
+    path = resolve_model_path(cfg.model.path)
+    torch.manual_seed(cfg.train.seed)  # same head / LoRA-A init at every site
+    if cfg.model.pooling == "mean":
+        return MeanPoolingClassifier(AutoModel.from_pretrained(path), len(labels))
+    return AutoModelForSequenceClassification.from_pretrained(
+        path,
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={name: i for i, name in enumerate(labels)},
+        ignore_mismatched_sizes=True,  # the checkpoint's head may have another label count
     )
+
+
+def _layer_indices(cfg: Config, base: nn.Module) -> list[int] | None:
+    indices = cfg.lora.layer_indices
+    if indices is None:
+        return None
+    n = base.config.num_hidden_layers
+    bad = [i for i in indices if not -n <= i < n]
+    if bad:
+        raise FedhavenError(
+            f"config 'lora.layers' = {cfg.lora.layers!r}: the model has {n} layers "
+            f"(indices 0..{n - 1}, or -1 for the last), not {bad[0]}"
+        )
+    return sorted({i % n for i in indices})
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_peft_model(cfg: Config, device: str) -> PeftModel:
+    # Loaded once per process (a Ray actor, a site process): rounds deep-copy this.
+    base = build_base(cfg)
     # opacus#820: move before get_peft_model, or LoRA weights silently never change.
     base.to(device)
     peft_config = PeftLoraConfig(
-        task_type=TaskType.SEQ_CLS,
+        # PEFT's SEQ_CLS wrapper expects a transformers head; ours is a plain module
+        task_type=TaskType.SEQ_CLS if cfg.model.pooling == "cls" else None,
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
         target_modules=cfg.lora.targets,
         modules_to_save=cfg.lora.saved_modules,
-        layers_to_transform=cfg.lora.layer_indices,
+        layers_to_transform=_layer_indices(cfg, base),
     )
+    torch.manual_seed(cfg.train.seed)
     try:
         model = get_peft_model(base, peft_config)
     except ValueError as e:

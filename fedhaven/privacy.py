@@ -84,7 +84,9 @@ def make_private(
     if accountant_state:
         engine.accountant.load_state_dict(accountant_state)
     rate = sample_rate(len(loader.dataset), loader.batch_size or 1)
-    sigma = noise_for_budget(cfg, rate, total_steps) if noise_multiplier is None else noise_multiplier
+    sigma = (
+        noise_for_budget(cfg, rate, total_steps) if noise_multiplier is None else noise_multiplier
+    )
     # "hooks" measured fastest for LoRA on CPU (DESIGN.md); the base stays frozen (opacus#841).
     dp_model, dp_optimizer, dp_loader = engine.make_private(
         module=model,

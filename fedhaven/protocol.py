@@ -103,7 +103,9 @@ def check_reply(
             )
         for k, arr in arrays.items():
             if tuple(arr.shape) != tuple(expected[k]):
-                raise ValueError(f"reply tensor '{k}' has shape {arr.shape}, expected {expected[k]}")
+                raise ValueError(
+                    f"reply tensor '{k}' has shape {arr.shape}, expected {expected[k]}"
+                )
 
 
 def train_config(server_round: int) -> ConfigRecord:

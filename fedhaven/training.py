@@ -5,7 +5,8 @@ centralized baseline all call :func:`train_round` / :func:`evaluate`; nothing el
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ class RoundResult:
     epsilon: float | None = None  # cumulative over every round in the accountant history
     noise_multiplier: float | None = None
     accountant_state: dict[str, Any] | None = None
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each step
 
 
 def default_device() -> torch.device:
@@ -39,17 +41,24 @@ def steps_per_round(num_examples: int, cfg: Config) -> int:
     return cfg.train.local_epochs * math.ceil(num_examples / cfg.train.batch_size)
 
 
-def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+def lr_factor(server_round: int, cfg: Config) -> float:
+    """The share of the configured learning rates used in ``server_round`` (1-based)."""
+    if cfg.train.schedule == "constant":
+        return 1.0
+    rounds = cfg.federation.rounds
+    return (rounds - min(max(server_round, 1), rounds) + 1) / rounds
+
+
+def _optimizer(model: torch.nn.Module, cfg: Config, factor: float) -> torch.optim.Optimizer:
     lora, other = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (lora if "lora_" in name else other).append(p)
-    lora_lr = cfg.train.lora_learning_rate or cfg.train.learning_rate
+    lr = cfg.train.learning_rate * factor
+    lora_lr = (cfg.train.lora_learning_rate or cfg.train.learning_rate) * factor
     groups = [{"params": other}, {"params": lora, "lr": lora_lr}]
     return torch.optim.AdamW(
-        [g for g in groups if g["params"]],
-        lr=cfg.train.learning_rate,
-        weight_decay=cfg.train.weight_decay,
+        [g for g in groups if g["params"]], lr=lr, weight_decay=cfg.train.weight_decay
     )
 
 
@@ -70,6 +79,7 @@ def train_round(
     data: TensorDataset,
     cfg: Config,
     *,
+    server_round: int = 1,
     accountant_state: dict[str, Any] | None = None,
     noise_multiplier: float | None = None,
     poisson_sampling: bool = True,
@@ -81,7 +91,7 @@ def train_round(
     loader = DataLoader(
         data, batch_size=min(cfg.train.batch_size, len(data)), shuffle=True, generator=generator
     )
-    optimizer = _optimizer(model, cfg)
+    optimizer = _optimizer(model, cfg, lr_factor(server_round, cfg))
     private = None
     if cfg.privacy.enabled:
         private = make_private(
@@ -102,10 +112,12 @@ def train_round(
     model.train()
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     losses: list[float] = []
+    step_seconds: list[float] = []
     while len(losses) < steps:
         for input_ids, attention_mask, labels in loader:
             if len(labels) == 0:  # Poisson sampling can draw an empty batch: nothing to release
                 continue
+            t = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             logits = forward(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
@@ -114,12 +126,18 @@ def train_round(
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
+            step_seconds.append(time.perf_counter() - t)
             if len(losses) == 1:
                 _check_weights_moved(model, before)
             if len(losses) == steps:
                 break
     optimizer.zero_grad(set_to_none=True)
-    result = RoundResult(num_examples=len(data), steps=len(losses), loss=float(np.mean(losses)))
+    result = RoundResult(
+        num_examples=len(data),
+        steps=len(losses),
+        loss=float(np.mean(losses)),
+        step_seconds=step_seconds,
+    )
     if private is not None:
         result.epsilon = private.epsilon(cfg.privacy.delta)
         result.noise_multiplier = private.noise_multiplier
@@ -138,7 +156,9 @@ def evaluate(model: torch.nn.Module, data: TensorDataset, cfg: Config) -> dict[s
     model.eval()
     preds, golds, loss_sum = [], [], 0.0
     for input_ids, attention_mask, labels in DataLoader(data, batch_size=cfg.train.eval_batch_size):
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+        logits = model(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
+        ).logits
         loss_sum += F.cross_entropy(logits, labels.to(device), reduction="sum").item()
         preds.append(logits.argmax(-1).cpu())
         golds.append(labels)
@@ -149,7 +169,11 @@ def evaluate(model: torch.nn.Module, data: TensorDataset, cfg: Config) -> dict[s
         "num_examples": len(y_true),
         "loss": loss_sum / len(y_true),
         "accuracy": float((y_pred == y_true).mean()),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=classes, average="macro", zero_division=0)),
-        "per_class_f1": f1_score(y_true, y_pred, labels=classes, average=None, zero_division=0).tolist(),
+        "macro_f1": float(
+            f1_score(y_true, y_pred, labels=classes, average="macro", zero_division=0)
+        ),
+        "per_class_f1": f1_score(
+            y_true, y_pred, labels=classes, average=None, zero_division=0
+        ).tolist(),
         "confusion": confusion_matrix(y_true, y_pred, labels=classes).tolist(),
     }

@@ -64,7 +64,7 @@ def site_data(cfg: Config, context: Context) -> tuple[TensorDataset, TensorDatas
     return _site_data(cfg, key)
 
 
-def _global_model(cfg: Config, msg: Message):  # noqa: ANN202 - a PeftModel
+def _global_model(cfg: Config, msg: Message):
     model = build_model(cfg, default_device())
     set_adapter_state(model, protocol.from_record(msg.content[protocol.ARRAYS]))
     return model
@@ -76,7 +76,8 @@ def handle_train(msg: Message, context: Context, overrides: Mapping[str, Any]) -
     model = _global_model(cfg, msg)
     state = context.state.get(PRIVACY_STATE)
     history = json.loads(str(state[ACCOUNTANT])) if state else None
-    result = train_round(model, train, cfg, accountant_state=history)
+    server_round = int(msg.content[protocol.CONFIG].get(protocol.SERVER_ROUND, 1))
+    result = train_round(model, train, cfg, server_round=server_round, accountant_state=history)
     metrics: dict[str, float] = {
         protocol.NUM_EXAMPLES: result.num_examples,
         protocol.TRAIN_LOSS: result.loss,

@@ -86,28 +86,33 @@ def run_server(grid: Grid, cfg: Config, progress: ProgressFn | None = None) -> d
     final_eval: dict[str, Any] = {}
     metrics_file = (out / "metrics.jsonl").open("w")
 
-    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:  # the untrained head says nothing worth the time
+            return None
         set_adapter_state(model, protocol.from_record(arrays))
         ev = evaluate(model, test, cfg)
         final_eval.update(ev)
-        if server_round > 0:
-            sites = _site_rows(strategy, server_round)
-            eps = [s["epsilon"] for s in sites.values() if s["epsilon"] is not None]
-            line = {
-                "round": server_round,
-                "wall_s": round(time.perf_counter() - t0, 2),
-                "global": {k: ev[k] for k in ("loss", "accuracy", "macro_f1", "per_class_f1")},
-                "max_epsilon": max(eps) if eps else None,
-                **strategy.round_stats.get(server_round, {}),
-                "sites": sites,
-            }
-            history.append(line)
-            metrics_file.write(json.dumps(line) + "\n")
-            metrics_file.flush()
-            if progress:
-                progress(line)
+        sites = _site_rows(strategy, server_round)
+        eps = [s["epsilon"] for s in sites.values() if s["epsilon"] is not None]
+        line = {
+            "round": server_round,
+            "wall_s": round(time.perf_counter() - t0, 2),
+            "global": {k: ev[k] for k in ("loss", "accuracy", "macro_f1", "per_class_f1")},
+            "max_epsilon": max(eps) if eps else None,
+            **strategy.round_stats.get(server_round, {}),
+            "sites": sites,
+        }
+        history.append(line)
+        metrics_file.write(json.dumps(line) + "\n")
+        metrics_file.flush()
+        if progress:
+            progress(line)
         return MetricRecord(
-            {protocol.ACCURACY: ev["accuracy"], protocol.MACRO_F1: ev["macro_f1"], protocol.LOSS: ev["loss"]}
+            {
+                protocol.ACCURACY: ev["accuracy"],
+                protocol.MACRO_F1: ev["macro_f1"],
+                protocol.LOSS: ev["loss"],
+            }
         )
 
     try:
@@ -130,12 +135,19 @@ def run_server(grid: Grid, cfg: Config, progress: ProgressFn | None = None) -> d
     sites = {}
     for line in history:  # a site's latest round it took part in
         for node, row in line["sites"].items():
-            sites[node] = {"examples": row["examples"], "epsilon": row["epsilon"], "accuracy": row["accuracy"],
-                           "macro_f1": row["macro_f1"], "last_round": line["round"]}
+            sites[node] = {
+                "examples": row["examples"],
+                "epsilon": row["epsilon"],
+                "accuracy": row["accuracy"],
+                "macro_f1": row["macro_f1"],
+                "last_round": line["round"],
+            }
     summary = {
         "rounds": len(history),
         "labels": labels,
-        "global": {k: final_eval[k] for k in ("accuracy", "macro_f1", "loss", "per_class_f1", "confusion")},
+        "global": {
+            k: final_eval[k] for k in ("accuracy", "macro_f1", "loss", "per_class_f1", "confusion")
+        },
         "sites": sites,
         "bytes_per_site_round": protocol.record_nbytes(initial),
         "full_model_bytes": full_model_bytes(model.get_base_model()),

@@ -25,6 +25,12 @@ OFFLINE_ENV = {
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
+#: Quiet sites: library warnings and progress bars, printed by every Ray actor every round.
+QUIET_ENV = {
+    "PYTHONWARNINGS": "ignore",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}
 
 
 def preflight(cfg: Config) -> None:
@@ -35,7 +41,9 @@ def preflight(cfg: Config) -> None:
     fdata.load(cfg.data.test_path, cfg.data, split="test")
 
 
-def simulate(overrides: Mapping[str, Any], progress: ProgressFn | None = None) -> dict[str, Any]:
+def simulate(
+    overrides: Mapping[str, Any], progress: ProgressFn | None = None, verbose: bool = False
+) -> dict[str, Any]:
     """Run a simulated federation; returns the run's ``summary.json`` content."""
     from flwr.simulation import run_simulation
 
@@ -48,7 +56,10 @@ def simulate(overrides: Mapping[str, Any], progress: ProgressFn | None = None) -
         flat["federation.out-dir"] = os.path.join("runs", datetime.now().strftime("%Y%m%d-%H%M%S"))
         cfg = from_flat(flat)
     preflight(cfg)
+    # Ray actors inherit the driver's environment at start-up.
     os.environ.update(OFFLINE_ENV)
+    if not verbose:
+        os.environ.update(QUIET_ENV)
     run_simulation(
         server_app=make_server_app(flat, progress),
         client_app=make_client_app(flat),

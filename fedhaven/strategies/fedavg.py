@@ -66,7 +66,9 @@ class FedAvg(FlowerFedAvg):
         accepted = self._accept(server_round, replies, train=True)
         self.round_stats[server_round] = {
             "bytes_sent": self._sent_bytes * len(replies),
-            "bytes_received": sum(protocol.record_nbytes(m.content[protocol.ARRAYS]) for m in accepted),
+            "bytes_received": sum(
+                protocol.record_nbytes(m.content[protocol.ARRAYS]) for m in accepted
+            ),
             "sites_used": len(accepted),
             "rejected": len(replies) - len(accepted),
         }
@@ -74,10 +76,13 @@ class FedAvg(FlowerFedAvg):
             return None, None
         return super().aggregate_train(server_round, accepted)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         # Sites without a validation split report only their (zero) example count.
         accepted = [
-            m for m in self._accept(server_round, replies, train=False)
+            m
+            for m in self._accept(server_round, replies, train=False)
             if m.content[protocol.METRICS][protocol.NUM_EXAMPLES]
         ]
         if not accepted:

@@ -1,0 +1,125 @@
+"""The site ClientApp's handlers, called directly: what leaves the site, and cumulative ε."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from flwr.app import Context, Message, MessageType, RecordDict
+
+from fedhaven import protocol
+from fedhaven.client.app import PRIVACY_STATE, handle_evaluate, handle_train
+from fedhaven.config import Config
+from fedhaven.models import adapter_state, build_model
+
+pytestmark = pytest.mark.usefixtures("flower_identity")
+
+
+def site_context(partition: int = 0) -> Context:
+    return Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": partition, "num-partitions": 2},
+        state=RecordDict(),
+        run_config={},
+    )
+
+
+def instruction(cfg: Config, kind: str = MessageType.TRAIN, server_round: int = 1) -> Message:
+    content = RecordDict(
+        {
+            protocol.ARRAYS: protocol.to_record(adapter_state(build_model(cfg))),
+            protocol.CONFIG: protocol.train_config(server_round),
+        }
+    )
+    return Message(content, dst_node_id=1, message_type=kind)
+
+
+def _trainable_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(p.shape) for n, p in build_model(cfg).named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("privacy", [True, False])
+def test_train_reply_carries_only_the_adapter_and_allowed_metrics(
+    tiny_cfg: Config, privacy: bool
+) -> None:
+    cfg = tiny_cfg.replace(**{"privacy.enabled": privacy})
+    overrides: dict[str, Any] = cfg.to_flat()
+    msg = instruction(cfg)
+    context = site_context()
+    out = handle_train(msg, context, overrides)
+
+    assert out.metadata.reply_to_message_id == msg.metadata.message_id
+    assert out.metadata.message_type == MessageType.TRAIN
+    content = out.content
+    assert set(content.keys()) == {protocol.ARRAYS, protocol.METRICS}
+    assert list(content.array_records) == [protocol.ARRAYS]
+    assert list(content.metric_records) == [protocol.METRICS]
+    assert not content.config_records
+
+    shapes = _trainable_shapes(cfg)
+    arrays = content[protocol.ARRAYS]
+    assert {k: tuple(a.shape) for k, a in arrays.items()} == shapes
+    protocol.check_reply(content, train=True, expected=shapes)
+
+    metrics = content[protocol.METRICS]
+    assert set(metrics.keys()) <= protocol.TRAIN_METRICS
+    # 60 rows, 2 iid sites -> 30 each, 20% held out for validation -> 24 to train on
+    assert metrics[protocol.NUM_EXAMPLES] == 24
+    assert metrics[protocol.STEPS] == 3  # ceil(24 / batch 8)
+    if privacy:
+        assert metrics[protocol.EPSILON] > 0
+        assert metrics[protocol.NOISE_MULTIPLIER] > 0
+        assert list(context.state.keys()) == [PRIVACY_STATE]
+    else:
+        assert protocol.EPSILON not in metrics
+        assert PRIVACY_STATE not in context.state
+
+    # the site trained: the returned adapter is not the one it was sent
+    sent = protocol.from_record(msg.content[protocol.ARRAYS])
+    got = protocol.from_record(arrays)
+    assert any(not (sent[k] == got[k]).all() for k in sent)
+
+
+def test_epsilon_is_cumulative_over_rounds_of_one_site(tiny_cfg: Config) -> None:
+    overrides = tiny_cfg.to_flat()
+    context = site_context()
+    first = handle_train(instruction(tiny_cfg), context, overrides).content[protocol.METRICS]
+    second = handle_train(instruction(tiny_cfg, server_round=2), context, overrides).content[
+        protocol.METRICS
+    ]
+    assert 0 < first[protocol.EPSILON] < second[protocol.EPSILON]
+    # planned rounds (2) spend the target budget, up to the noise search's tolerance
+    assert second[protocol.EPSILON] <= tiny_cfg.privacy.epsilon
+    assert second[protocol.EPSILON] == pytest.approx(tiny_cfg.privacy.epsilon, rel=0.02)
+
+    # another site's context starts from its own, empty history
+    other = handle_train(instruction(tiny_cfg), site_context(1), overrides).content[
+        protocol.METRICS
+    ]
+    assert other[protocol.EPSILON] < second[protocol.EPSILON]
+
+
+def test_evaluate_reply_carries_only_allowed_metrics(tiny_cfg: Config) -> None:
+    msg = instruction(tiny_cfg, MessageType.EVALUATE)
+    out = handle_evaluate(msg, site_context(), tiny_cfg.to_flat())
+    content = out.content
+    assert set(content.keys()) == {protocol.METRICS}
+    assert not content.array_records and not content.config_records
+    metrics = content[protocol.METRICS]
+    assert set(metrics.keys()) <= protocol.EVALUATE_METRICS
+    assert set(metrics.keys()) == protocol.EVALUATE_METRICS
+    assert metrics[protocol.NUM_EXAMPLES] == 6  # 20% of the site's 30 rows
+    assert 0 <= metrics[protocol.ACCURACY] <= 1
+    assert 0 <= metrics[protocol.MACRO_F1] <= 1
+    protocol.check_reply(content, train=False)
+
+
+def test_overrides_win_over_the_run_config(tiny_cfg: Config) -> None:
+    context = site_context()
+    context.run_config.update({"train.local-steps": 5})
+    overrides = {**tiny_cfg.to_flat(), "privacy.enabled": False, "train.local-steps": 1}
+    out = handle_train(
+        instruction(tiny_cfg.replace(**{"privacy.enabled": False})), context, overrides
+    )
+    assert out.content[protocol.METRICS][protocol.STEPS] == 1

@@ -1,0 +1,212 @@
+"""fedhaven.config: defaults, validation (one error type naming the key), flat and TOML forms."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedhaven.config import Config, from_flat, load_toml, valid_keys
+from fedhaven.errors import FedhavenError
+
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
+
+
+def test_defaults_parse() -> None:
+    cfg = from_flat({})
+    assert cfg == Config()
+    assert from_flat(Config().to_flat()) == cfg
+    assert cfg.privacy.enabled is True  # private unless asked otherwise
+    assert cfg.data.label_names == ["negative", "neutral", "positive"]  # the bundled set's
+    assert cfg.data.partition_scheme[0] in ("iid", "dirichlet", "column")
+    assert cfg.lora.targets
+
+
+@pytest.mark.parametrize(
+    ("layers", "indices"), [("", None), ("3", [3]), ("0, 1", [0, 1]), ("-1", [-1])]
+)
+def test_layer_indices(layers: str, indices: list[int] | None) -> None:
+    assert from_flat({"lora.layers": layers}).lora.layer_indices == indices
+
+
+def test_own_data_needs_its_own_test_set() -> None:
+    with pytest.raises(FedhavenError, match=r"'data\.test-path'"):
+        from_flat({"data.path": "mine.csv"})
+    cfg = from_flat({"data.path": "mine.csv", "data.test-path": "mine-test.csv"})
+    assert cfg.data.test_path == "mine-test.csv"
+
+
+def test_config_is_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Config().lora.r = 4  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("privacy.epsilon", 0),
+        ("privacy.epsilon", -1.0),
+        ("privacy.delta", 0.0),
+        ("privacy.delta", 1.0),
+        ("privacy.delta", -1e-5),
+        ("privacy.delta", 1.5),
+        ("privacy.max-grad-norm", 0),
+        ("privacy.accountant", "gdp-ish"),
+        ("lora.r", 0),
+        ("lora.r", -2),
+        ("lora.alpha", 0),
+        ("lora.dropout", 1.0),
+        ("lora.target-modules", " , "),
+        ("lora.layers", "a,b"),
+        ("federation.fraction-train", 0.0),
+        ("federation.fraction-train", 1.5),
+        ("federation.fraction-evaluate", 1.1),
+        ("federation.rounds", 0),
+        ("federation.sites", 0),
+        ("federation.min-sites", 0),
+        ("data.partition", "dirichlet:-1"),
+        ("data.partition", "dirichlet:0"),
+        ("data.partition", "dirichlet:abc"),
+        ("data.partition", "foo"),
+        ("data.partition", "column:"),
+        ("data.partition", "iid:3"),
+        ("data.labels", "positive"),
+        ("data.labels", "a,b,a"),
+        ("data.val-fraction", 1.0),
+        ("data.text-column", ""),
+        ("model.max-length", 4),
+        ("model.pooling", "max"),
+        ("train.schedule", "cosine"),
+        ("train.learning-rate", 0),
+        ("train.batch-size", 0),
+        ("train.local-epochs", 0),
+        ("train.local-steps", -1),
+        # wrong types
+        ("lora.r", "abc"),
+        ("lora.r", 2.5),
+        ("lora.r", True),
+        ("privacy.epsilon", "lots"),
+        ("privacy.enabled", 1),
+        ("privacy.enabled", "yes"),
+        ("data.path", 3),
+    ],
+)
+def test_bad_value_raises_naming_the_key(key: str, value: object) -> None:
+    with pytest.raises(FedhavenError) as e:
+        from_flat({key: value})
+    assert f"'{key}'" in str(e.value)
+
+
+def test_unknown_key_raises_naming_it() -> None:
+    with pytest.raises(FedhavenError, match=r"unknown config key 'lora\.rank'"):
+        from_flat({"lora.rank": 4})
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("lora.r", "4", 4),
+        ("lora.r", 4.0, 4),
+        ("privacy.epsilon", 3, 3.0),
+        ("privacy.epsilon", "2.5", 2.5),
+        ("privacy.enabled", "false", False),
+        ("privacy.enabled", "True", True),
+        ("privacy.enabled", False, False),
+    ],
+)
+def test_coercion_of_good_values(key: str, value: object, expected: object) -> None:
+    got = from_flat({key: value}).to_flat()[key]
+    assert got == expected
+    assert type(got) is type(expected)
+
+
+@pytest.mark.parametrize(
+    ("partition", "scheme"),
+    [
+        ("iid", ("iid", None)),
+        ("dirichlet:0.5", ("dirichlet", 0.5)),
+        ("column:site", ("column", "site")),
+    ],
+)
+def test_partition_scheme(partition: str, scheme: tuple[str, object]) -> None:
+    assert from_flat({"data.partition": partition}).data.partition_scheme == scheme
+
+
+def test_flat_round_trip() -> None:
+    cfg = from_flat(
+        {"lora.r": 4, "privacy.epsilon": 3.0, "data.partition": "iid", "lora.layers": "0,1"}
+    )
+    assert cfg != Config()
+    flat = cfg.to_flat()
+    assert sorted(flat) == sorted(valid_keys())
+    assert from_flat(flat) == cfg
+    assert flat["lora.r"] == 4
+    assert cfg.lora.layer_indices == [0, 1]
+
+
+def test_replace_changes_only_the_given_keys() -> None:
+    cfg = Config()
+    new = cfg.replace(**{"lora.r": cfg.lora.r + 1, "federation.rounds": cfg.federation.rounds + 2})
+    assert new.lora.r == cfg.lora.r + 1
+    assert new.federation.rounds == cfg.federation.rounds + 2
+    assert cfg == Config()  # the original is untouched
+    changed = {k for k, v in new.to_flat().items() if cfg.to_flat()[k] != v}
+    assert changed == {"lora.r", "federation.rounds"}
+
+
+def test_replace_validates() -> None:
+    with pytest.raises(FedhavenError, match=r"'lora\.r'"):
+        Config().replace(**{"lora.r": 0})
+
+
+def test_load_toml_nested(tmp_path: Path) -> None:
+    p = tmp_path / "run.toml"
+    p.write_text(
+        '[lora]\nr = 4\ntarget-modules = "query"\n\n'
+        "[privacy]\nepsilon = 2.0\nenabled = false\n\n"
+        '[data]\npartition = "iid"\n'
+    )
+    flat = load_toml(p)
+    assert flat == {
+        "lora.r": 4,
+        "lora.target-modules": "query",
+        "privacy.epsilon": 2.0,
+        "privacy.enabled": False,
+        "data.partition": "iid",
+    }
+    cfg = from_flat(flat)
+    assert (cfg.lora.r, cfg.privacy.enabled, cfg.lora.targets) == (4, False, ["query"])
+
+
+def test_load_toml_pyproject_style(tmp_path: Path) -> None:
+    p = tmp_path / "pyproject.toml"
+    p.write_text(
+        '[project]\nname = "x"\n\n'
+        '[tool.flwr.app]\npublisher = "me"\n\n'
+        '[tool.flwr.app.config]\n"lora.r" = 2\n"federation.rounds" = 3\n'
+    )
+    assert load_toml(p) == {"lora.r": 2, "federation.rounds": 3}
+
+
+def test_load_toml_missing_and_invalid(tmp_path: Path) -> None:
+    with pytest.raises(FedhavenError, match="not found"):
+        load_toml(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[lora\nr = ")
+    with pytest.raises(FedhavenError, match="not valid TOML"):
+        load_toml(bad)
+
+
+def test_pyproject_run_config_matches_config_defaults() -> None:
+    """``flwr run .`` reads [tool.flwr.app.config]: it must list every key with its default."""
+    table = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    defaults = Config().to_flat()
+    assert set(table) == set(defaults), (
+        f"missing {sorted(set(defaults) - set(table))}, extra {sorted(set(table) - set(defaults))}"
+    )
+    for key, value in defaults.items():
+        assert table[key] == value, key
+        assert isinstance(table[key], bool) == isinstance(value, bool), key
+    assert from_flat(table) == Config()
