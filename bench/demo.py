@@ -33,7 +33,14 @@ def main() -> None:
         g = s["global"]
         pc = " / ".join(f"{f:.2f}" for f in g["per_class_f1"])
         eps = "-" if s["max_epsilon"] is None else f"{s['max_epsilon']:.2f}"
-        cells = [name, f"{g['macro_f1']:.3f}", f"{g['accuracy']:.3f}", pc, eps, f"{s['wall_s']:.0f}"]
+        cells = [
+            name,
+            f"{g['macro_f1']:.3f}",
+            f"{g['accuracy']:.3f}",
+            pc,
+            eps,
+            f"{s['wall_s']:.0f}",
+        ]
         print("| " + " | ".join(cells) + " |")
 
 

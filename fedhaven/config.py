@@ -98,6 +98,10 @@ class TrainConfig:
     # overshoot that a fresh AdamW state each round causes under DP noise.
     schedule: str = "linear"
     weight_decay: float = 0.01
+    # τ of the logit-adjusted loss CE(logits + τ·log prior, y) (Menon et al., 2021), prior =
+    # the site's label distribution (a DP histogram under DP): the head learns balanced
+    # scores instead of drifting to the majority class. 0 = plain cross-entropy.
+    logit_adjustment: float = 1.0
     local_epochs: int = 1
     local_steps: int = 0  # > 0 overrides local-epochs: optimizer steps per round
     # Full-batch steps at demo-sized sites (~150 rows): under DP the noise is added once per
@@ -120,6 +124,12 @@ class TrainConfig:
             self.schedule,
             "use 'linear' or 'constant'",
         )
+        _require(
+            self.logit_adjustment >= 0,
+            "train.logit-adjustment",
+            self.logit_adjustment,
+            "must be >= 0 (0 turns it off)",
+        )
         _require(self.weight_decay >= 0, "train.weight-decay", self.weight_decay, "must be >= 0")
         _require(self.local_epochs >= 1, "train.local-epochs", self.local_epochs, "must be >= 1")
         _require(
@@ -141,6 +151,9 @@ class PrivacyConfig:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
+    # σ of the Gaussian noise on each label count of the site's histogram (released once per
+    # run for logit adjustment, and accounted like a training step)
+    prior_noise: float = 8.0
 
     def __post_init__(self) -> None:
         _require(self.epsilon > 0, "privacy.epsilon", self.epsilon, "ε must be > 0")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from fedhaven.config import BUNDLED, Config
+from fedhaven.config import BUNDLED, Config, from_flat
 from fedhaven.errors import FedhavenError
 
 AdapterState = dict[str, torch.Tensor]
@@ -170,6 +171,30 @@ def set_adapter_state(model: torch.nn.Module, state: AdapterState) -> None:
                     f"the model expects {tuple(p.shape)}"
                 )
             p.copy_(t)
+
+
+#: Written next to the adapter: the run config that rebuilds its base model and head.
+RUN_CONFIG_FILE = "fedhaven_config.json"
+
+
+def save_trained(model: PeftModel, cfg: Config, directory: Path) -> None:
+    """The adapter in PEFT format, the tokenizer, and the config that rebuilds the base."""
+    model.save_pretrained(directory)
+    load_tokenizer(cfg.model.path).save_pretrained(directory)
+    (directory / RUN_CONFIG_FILE).write_text(json.dumps(cfg.to_flat(), indent=2) + "\n")
+
+
+def load_trained(directory: str | Path) -> PeftModel:
+    """A trained adapter on its base: ``PeftModel.from_pretrained(build_base(cfg), directory)``.
+
+    With the "cls" head the base is a plain AutoModelForSequenceClassification, so PEFT
+    alone loads it too; the "mean" head needs this (or MeanPoolingClassifier by hand).
+    """
+    d = Path(directory)
+    if not (d / RUN_CONFIG_FILE).is_file():
+        raise FedhavenError(f"'{d}' is not a fedhaven adapter directory (no {RUN_CONFIG_FILE})")
+    cfg = from_flat(json.loads((d / RUN_CONFIG_FILE).read_text()))
+    return PeftModel.from_pretrained(build_base(cfg), d).eval()
 
 
 def full_model_bytes(model: torch.nn.Module) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from opacus import GradSampleModule, PrivacyEngine
-from opacus.accountants.utils import get_noise_multiplier
+from opacus.accountants import create_accountant
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
 
@@ -40,28 +40,77 @@ class PrivateRound:
         return self.engine.accountant.state_dict()
 
 
+def private_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """Randomness nobody can replay: seeded by the OS, never from the (public) run config.
+
+    DP noise or Poisson sampling drawn from a seeded generator could be recomputed by anyone
+    who knows the seed, and subtracted.
+    """
+    generator = torch.Generator(device=device)
+    generator.seed()
+    return generator
+
+
 def sample_rate(num_examples: int, batch_size: int) -> float:
     """Opacus's Poisson sample rate for a loader of this size: 1 / batches per epoch."""
     return 1.0 / math.ceil(num_examples / batch_size)
 
 
-def noise_for_budget(cfg: PrivacyConfig, rate: float, total_steps: int) -> float:
-    """σ so that ``total_steps`` steps at ``rate`` spend exactly the target (ε, δ)."""
-    try:
-        return float(
-            get_noise_multiplier(
-                target_epsilon=cfg.epsilon,
-                target_delta=cfg.delta,
-                sample_rate=rate,
-                steps=total_steps,
-                accountant=cfg.accountant,
+#: One accountant history entry: (noise multiplier, sample rate, steps).
+Release = tuple[float, float, int]
+
+_MAX_SIGMA = 1e6
+
+
+def noise_for_budget(
+    cfg: PrivacyConfig, rate: float, total_steps: int, other: tuple[Release, ...] = ()
+) -> float:
+    """σ so that ``other`` releases plus ``total_steps`` steps at ``rate`` spend the target ε.
+
+    Opacus's ``get_noise_multiplier`` search, over a history that may begin with other
+    Gaussian releases (the label histogram) composed in the same accountant.
+    """
+    accountant = create_accountant(mechanism=cfg.accountant)
+
+    def eps(sigma: float) -> float:
+        accountant.history = [*other, (sigma, rate, total_steps)]
+        return accountant.get_epsilon(delta=cfg.delta)
+
+    low, high, eps_high = 0.0, 10.0, float("inf")
+    while eps_high > cfg.epsilon:
+        high *= 2
+        eps_high = eps(high)
+        if high > _MAX_SIGMA:
+            raise FedhavenError(
+                f"no noise level reaches ε={cfg.epsilon} at δ={cfg.delta} over {total_steps} "
+                "steps: raise privacy.epsilon or train fewer steps"
             )
-        )
-    except ValueError as e:
-        raise FedhavenError(
-            f"no noise level reaches ε={cfg.epsilon} at δ={cfg.delta} over {total_steps} steps "
-            f"({e}): raise privacy.epsilon or train fewer steps"
-        ) from e
+    while cfg.epsilon - eps_high > 0.01:
+        mid = (low + high) / 2
+        e = eps(mid)
+        if e < cfg.epsilon:
+            high, eps_high = mid, e
+        else:
+            low = mid
+    return high
+
+
+def label_prior(
+    labels: torch.Tensor, num_labels: int, sigma: float | None, generator: torch.Generator
+) -> tuple[torch.Tensor, Release | None]:
+    """The site's label distribution, for logit adjustment.
+
+    With ``sigma`` (DP on) each count gets N(0, σ²) noise: the Gaussian mechanism on a
+    histogram, whose L2 sensitivity to adding or removing one row is 1. The returned release
+    ``(σ, 1.0, 1)`` goes into the site's accountant history like any training step.
+    """
+    counts = torch.bincount(labels, minlength=num_labels).double()
+    release = None
+    if sigma is not None:
+        counts = counts + sigma * torch.randn(num_labels, generator=generator, dtype=torch.float64)
+        release = (sigma, 1.0, 1)
+    counts = counts.clamp(min=1.0)  # every class stays possible
+    return (counts / counts.sum()).float(), release
 
 
 def make_private(
@@ -71,22 +120,28 @@ def make_private(
     cfg: PrivacyConfig,
     *,
     total_steps: int,
+    other_releases: tuple[Release, ...] = (),
+    new_releases: tuple[Release, ...] = (),
     accountant_state: dict[str, Any] | None = None,
     noise_multiplier: float | None = None,
     poisson_sampling: bool = True,
 ) -> PrivateRound:
     """Wrap model, optimizer and loader with Opacus for one round of DP-SGD.
 
-    ``total_steps`` is the planned number of steps over all rounds: σ is chosen so that they
-    spend the target ε. ``noise_multiplier`` overrides that (tests: σ=0 must equal plain SGD).
+    ``total_steps`` is the planned number of steps over all rounds: σ is chosen so that they,
+    after ``other_releases`` (planned once per run, e.g. the label histogram), spend the
+    target ε. ``new_releases`` made this round are added to the accountant's history.
+    ``noise_multiplier`` overrides σ (tests: σ=0 must equal plain SGD).
     """
     engine = PrivacyEngine(accountant=cfg.accountant)
     if accountant_state:
         engine.accountant.load_state_dict(accountant_state)
+    engine.accountant.history.extend(new_releases)
     rate = sample_rate(len(loader.dataset), loader.batch_size or 1)
-    sigma = (
-        noise_for_budget(cfg, rate, total_steps) if noise_multiplier is None else noise_multiplier
-    )
+    if noise_multiplier is None:
+        sigma = noise_for_budget(cfg, rate, total_steps, other_releases)
+    else:
+        sigma = noise_multiplier
     # "hooks" measured fastest for LoRA on CPU (DESIGN.md); the base stays frozen (opacus#841).
     dp_model, dp_optimizer, dp_loader = engine.make_private(
         module=model,
@@ -96,5 +151,6 @@ def make_private(
         max_grad_norm=cfg.max_grad_norm,
         poisson_sampling=poisson_sampling,
         grad_sample_mode="hooks",
+        noise_generator=private_generator(next(model.parameters()).device),
     )
     return PrivateRound(dp_model, dp_optimizer, dp_loader, engine, sigma, rate)

@@ -16,7 +16,8 @@ from sklearn.metrics import confusion_matrix, f1_score
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedhaven.config import Config
-from fedhaven.privacy import make_private
+from fedhaven.privacy import label_prior as private_label_prior
+from fedhaven.privacy import make_private, private_generator
 
 
 @dataclass
@@ -28,6 +29,7 @@ class RoundResult:
     noise_multiplier: float | None = None
     accountant_state: dict[str, Any] | None = None
     step_seconds: list[float] = field(default_factory=list)  # wall time of each step
+    label_prior: list[float] | None = None  # for logit adjustment; keep it for later rounds
 
 
 def default_device() -> torch.device:
@@ -74,6 +76,15 @@ def _check_weights_moved(model: torch.nn.Module, before: dict[str, torch.Tensor]
         )
 
 
+def _noise_only_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train_round(
     model: torch.nn.Module,
     data: TensorDataset,
@@ -81,13 +92,34 @@ def train_round(
     *,
     server_round: int = 1,
     accountant_state: dict[str, Any] | None = None,
+    label_prior: list[float] | None = None,
     noise_multiplier: float | None = None,
     poisson_sampling: bool = True,
 ) -> RoundResult:
-    """One round of local training (DP-SGD when ``cfg.privacy.enabled``), in place."""
+    """One round of local training (DP-SGD when ``cfg.privacy.enabled``), in place.
+
+    ``accountant_state`` and ``label_prior`` come from the site's previous round (the
+    result carries them): the label histogram is released once per run, not once per round.
+    """
     device = next(model.parameters()).device
     steps = steps_per_round(len(data), cfg)
-    generator = torch.Generator().manual_seed(cfg.train.seed)
+    if cfg.privacy.enabled:  # sampling and histogram noise must not be replayable
+        generator = private_generator()
+    else:
+        generator = torch.Generator().manual_seed(cfg.train.seed + server_round)
+    tau = cfg.train.logit_adjustment
+    prior_sigma = cfg.privacy.prior_noise if cfg.privacy.enabled else None
+    planned, released = (), ()
+    if tau:
+        if prior_sigma is not None:
+            planned = ((prior_sigma, 1.0, 1),)  # part of the run's budget in every round
+        if label_prior is None:
+            prior, release = private_label_prior(
+                data.tensors[2], len(cfg.data.label_names), prior_sigma, generator
+            )
+            label_prior = prior.tolist()
+            released = (release,) if release else ()
+        adjust = tau * torch.tensor(label_prior, device=device).log()
     loader = DataLoader(
         data, batch_size=min(cfg.train.batch_size, len(data)), shuffle=True, generator=generator
     )
@@ -100,6 +132,8 @@ def train_round(
             loader,
             cfg.privacy,
             total_steps=steps * cfg.federation.rounds,
+            other_releases=planned,
+            new_releases=released,
             accountant_state=accountant_state,
             noise_multiplier=noise_multiplier,
             poisson_sampling=poisson_sampling,
@@ -115,28 +149,39 @@ def train_round(
     step_seconds: list[float] = []
     while len(losses) < steps:
         for input_ids, attention_mask, labels in loader:
-            if len(labels) == 0:  # Poisson sampling can draw an empty batch: nothing to release
-                continue
             t = time.perf_counter()
+            if len(labels) == 0:  # Poisson sampling drew nobody (DP only: plain batches never
+                # are empty). DP-SGD still takes the step: noise only, and accounted for —
+                # skipping it would reveal that the batch was empty.
+                _noise_only_step(model, optimizer)
+                losses.append(float("nan"))
+                step_seconds.append(time.perf_counter() - t)
+                if len(losses) == steps:
+                    break
+                continue
             optimizer.zero_grad(set_to_none=True)
             logits = forward(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
             ).logits
+            if tau:
+                logits = logits + adjust  # train only: predictions use the raw logits
             loss = F.cross_entropy(logits, labels.to(device))
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
             step_seconds.append(time.perf_counter() - t)
-            if len(losses) == 1:
+            if before:  # once, after the first real step
                 _check_weights_moved(model, before)
+                before = {}
             if len(losses) == steps:
                 break
     optimizer.zero_grad(set_to_none=True)
     result = RoundResult(
         num_examples=len(data),
         steps=len(losses),
-        loss=float(np.mean(losses)),
+        loss=float(np.nanmean(losses)) if not np.isnan(losses).all() else float("nan"),
         step_seconds=step_seconds,
+        label_prior=label_prior,
     )
     if private is not None:
         result.epsilon = private.epsilon(cfg.privacy.delta)

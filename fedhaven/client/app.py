@@ -30,6 +30,7 @@ DATA_PATH = "data-path"
 # context.state record holding this site's accountant history across rounds.
 PRIVACY_STATE = "privacy"
 ACCOUNTANT = "accountant"
+LABEL_PRIOR = "label-prior"
 
 
 def site_config(context: Context, overrides: Mapping[str, Any]) -> Config:
@@ -74,19 +75,29 @@ def handle_train(msg: Message, context: Context, overrides: Mapping[str, Any]) -
     cfg = site_config(context, overrides)
     train, _ = site_data(cfg, context)
     model = _global_model(cfg, msg)
-    state = context.state.get(PRIVACY_STATE)
-    history = json.loads(str(state[ACCOUNTANT])) if state else None
+    state = context.state.get(PRIVACY_STATE) or ConfigRecord()
     server_round = int(msg.content[protocol.CONFIG].get(protocol.SERVER_ROUND, 1))
-    result = train_round(model, train, cfg, server_round=server_round, accountant_state=history)
+    result = train_round(
+        model,
+        train,
+        cfg,
+        server_round=server_round,
+        accountant_state=json.loads(str(state[ACCOUNTANT])) if ACCOUNTANT in state else None,
+        label_prior=json.loads(str(state[LABEL_PRIOR])) if LABEL_PRIOR in state else None,
+    )
+    # Site-private state: never sent, kept for this site's next round of the run.
+    if result.label_prior is not None:
+        state[LABEL_PRIOR] = json.dumps(result.label_prior)
+    if result.accountant_state is not None:
+        state[ACCOUNTANT] = json.dumps(result.accountant_state)
+    if state:
+        context.state[PRIVACY_STATE] = state
     metrics: dict[str, float] = {
         protocol.NUM_EXAMPLES: result.num_examples,
         protocol.TRAIN_LOSS: result.loss,
         protocol.STEPS: result.steps,
     }
     if result.epsilon is not None:
-        context.state[PRIVACY_STATE] = ConfigRecord(
-            {ACCOUNTANT: json.dumps(result.accountant_state)}
-        )
         metrics[protocol.EPSILON] = result.epsilon
         metrics[protocol.NOISE_MULTIPLIER] = float(result.noise_multiplier or 0.0)
     content = protocol.train_reply(adapter_state(model), metrics)

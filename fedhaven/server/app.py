@@ -25,6 +25,7 @@ from fedhaven.models import (
     build_model,
     full_model_bytes,
     load_tokenizer,
+    save_trained,
     set_adapter_state,
 )
 from fedhaven.strategies import FedAvg
@@ -128,8 +129,7 @@ def run_server(grid: Grid, cfg: Config, progress: ProgressFn | None = None) -> d
         metrics_file.close()
 
     set_adapter_state(model, protocol.from_record(result.arrays))
-    model.save_pretrained(out / "adapter")
-    load_tokenizer(cfg.model.path).save_pretrained(out / "adapter")
+    save_trained(model, cfg, out / "adapter")
 
     last = history[-1] if history else {}
     sites = {}

@@ -16,7 +16,8 @@ from transformers import AutoModel, AutoModelForSequenceClassification, AutoToke
 
 from fedhaven import data as fdata
 from fedhaven.config import Config, from_flat
-from fedhaven.models import MeanPoolingClassifier, adapter_state, build_model
+from fedhaven.errors import FedhavenError
+from fedhaven.models import MeanPoolingClassifier, adapter_state, build_model, load_trained
 from fedhaven.training import evaluate
 
 pytestmark = pytest.mark.slow
@@ -110,3 +111,21 @@ def test_adapter_loads_and_reproduces_the_global_metrics(
     ev = evaluate(loaded, test, cfg)
     assert ev["accuracy"] == pytest.approx(run["summary"]["global"]["accuracy"])
     assert ev["macro_f1"] == pytest.approx(run["summary"]["global"]["macro_f1"])
+
+
+def test_load_trained_rebuilds_the_model_from_the_run(run: dict[str, Any]) -> None:
+    cfg: Config = run["cfg"]
+    loaded = load_trained(run["out"] / "adapter")
+    test = fdata.tokenize(
+        fdata.load(cfg.data.test_path, cfg.data, split="test"),
+        AutoTokenizer.from_pretrained(run["out"] / "adapter"),
+        cfg.model.max_length,
+    )
+    assert evaluate(loaded, test, cfg)["macro_f1"] == pytest.approx(
+        run["summary"]["global"]["macro_f1"]
+    )
+
+
+def test_load_trained_rejects_a_directory_without_a_run_config(tmp_path: Path) -> None:
+    with pytest.raises(FedhavenError, match="not a fedhaven adapter directory"):
+        load_trained(tmp_path)

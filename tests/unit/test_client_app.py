@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 from flwr.app import Context, Message, MessageType, RecordDict
 
 from fedhaven import protocol
-from fedhaven.client.app import PRIVACY_STATE, handle_evaluate, handle_train
+from fedhaven.client.app import (
+    ACCOUNTANT,
+    LABEL_PRIOR,
+    PRIVACY_STATE,
+    handle_evaluate,
+    handle_train,
+)
 from fedhaven.config import Config
 from fedhaven.models import adapter_state, build_model
 
@@ -70,10 +77,12 @@ def test_train_reply_carries_only_the_adapter_and_allowed_metrics(
     if privacy:
         assert metrics[protocol.EPSILON] > 0
         assert metrics[protocol.NOISE_MULTIPLIER] > 0
-        assert list(context.state.keys()) == [PRIVACY_STATE]
+        assert ACCOUNTANT in context.state[PRIVACY_STATE]
     else:
         assert protocol.EPSILON not in metrics
-        assert PRIVACY_STATE not in context.state
+        assert ACCOUNTANT not in context.state.get(PRIVACY_STATE, {})
+    # the label prior for logit adjustment stays at the site for the next round
+    assert len(json.loads(str(context.state[PRIVACY_STATE][LABEL_PRIOR]))) == 3
 
     # the site trained: the returned adapter is not the one it was sent
     sent = protocol.from_record(msg.content[protocol.ARRAYS])

@@ -4,6 +4,7 @@ cumulative ε across rounds, evaluation metrics, steps per round."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -137,10 +138,18 @@ def test_dp_with_noise_and_clipping_off_equals_plain_training(
     model_plain = copy.deepcopy(model_dp)
     start = adapter_state(model_dp)
 
+    prior = [0.2, 0.3, 0.5]  # the same logit adjustment on both paths (no noisy histogram)
     torch.manual_seed(0)
-    dp = train_round(model_dp, train_data, cfg_dp, noise_multiplier=0.0, poisson_sampling=False)
+    dp = train_round(
+        model_dp,
+        train_data,
+        cfg_dp,
+        noise_multiplier=0.0,
+        poisson_sampling=False,
+        label_prior=prior,
+    )
     torch.manual_seed(0)
-    plain = train_round(model_plain, train_data, cfg_plain)
+    plain = train_round(model_plain, train_data, cfg_plain, label_prior=prior)
 
     assert dp.steps == plain.steps == 1
     assert dp.noise_multiplier == 0.0
@@ -156,22 +165,40 @@ def test_dp_with_noise_and_clipping_off_equals_plain_training(
 def test_epsilon_accumulates_across_rounds(tiny_cfg: Config, train_data: TensorDataset) -> None:
     cfg = tiny_cfg.replace(**{"train.local-steps": 2, "privacy.enabled": True})
     r1 = train_round(build_model(cfg), train_data, cfg)
-    r2 = train_round(build_model(cfg), train_data, cfg, accountant_state=r1.accountant_state)
+    r2 = train_round(
+        build_model(cfg),
+        train_data,
+        cfg,
+        server_round=2,
+        accountant_state=r1.accountant_state,
+        label_prior=r1.label_prior,
+    )
     assert r1.epsilon is not None and r2.epsilon is not None
     assert 0 < r1.epsilon < r2.epsilon
 
     sigma, rate = r1.noise_multiplier, sample_rate(len(train_data), cfg.train.batch_size)
+    histogram = (cfg.privacy.prior_noise, 1.0, 1)  # the label counts, released once per run
     assert r2.noise_multiplier == sigma
-    assert [tuple(h) for h in r2.accountant_state["history"]] == [(sigma, rate, 4)]
+    assert r2.label_prior == r1.label_prior
+    assert [tuple(h) for h in r2.accountant_state["history"]] == [histogram, (sigma, rate, 4)]
 
     fresh = RDPAccountant()
-    fresh.history = [(sigma, rate, 2)]
+    fresh.history = [histogram, (sigma, rate, 2)]
     assert fresh.get_epsilon(delta=cfg.privacy.delta) == pytest.approx(r1.epsilon, rel=1e-9)
-    fresh.history = [(sigma, rate, 2), (sigma, rate, 2)]
+    fresh.history = [histogram, (sigma, rate, 2), (sigma, rate, 2)]
     assert fresh.get_epsilon(delta=cfg.privacy.delta) == pytest.approx(r2.epsilon, rel=1e-9)
-    # σ was chosen so that the planned rounds (2) spend the target ε, and no more
+    # σ was chosen so that the histogram and the planned rounds (2) spend the target ε
     assert r2.epsilon <= cfg.privacy.epsilon
     assert r2.epsilon == pytest.approx(cfg.privacy.epsilon, rel=0.02)
+
+
+def test_without_logit_adjustment_no_histogram_is_released(
+    tiny_cfg: Config, train_data: TensorDataset
+) -> None:
+    cfg = tiny_cfg.replace(**{"privacy.enabled": True, "train.logit-adjustment": 0.0})
+    r = train_round(build_model(cfg), train_data, cfg)
+    assert r.label_prior is None
+    assert all(rate < 1.0 for _, rate, _ in r.accountant_state["history"])
 
 
 def test_evaluate_matches_sklearn(tiny_cfg: Config, test_data: TensorDataset) -> None:
@@ -267,3 +294,24 @@ def test_last_round_steps_at_the_decayed_rate(tiny_cfg: Config, train_data: Tens
         moves.append(max((end[k] - start[k]).abs().max().item() for k in end if "classifier" in k))
     assert moves[0] == pytest.approx(cfg.train.learning_rate, rel=0.05)
     assert moves[1] == pytest.approx(moves[0] / 2, rel=0.05)
+
+
+def test_empty_poisson_batches_still_take_an_accounted_noise_step(
+    tiny_cfg: Config, train_data: TensorDataset
+) -> None:
+    # batch 1 of n rows: each row is drawn with q = 1/n, so P(empty batch) = (1 - 1/n)^n ≈ 0.37
+    # per step and 30 steps see some empty ones (all 30 non-empty: p ≈ 1e-6).
+    cfg = tiny_cfg.replace(
+        **{
+            "privacy.enabled": True,
+            "train.batch-size": 1,
+            "train.local-steps": 30,
+            "train.logit-adjustment": 0.0,
+        }
+    )
+    model = build_model(cfg)
+    res = train_round(model, train_data, cfg)
+    assert res.steps == 30
+    history = res.accountant_state["history"]
+    assert sum(steps for _, _, steps in history) == 30  # the empty steps were accounted
+    assert math.isfinite(res.loss)
