@@ -20,7 +20,7 @@ from fedhaven.training import train_round
 warnings.filterwarnings("ignore")
 
 
-def step_times(dp: bool, steps: int, batch: int, seq: int) -> list[float]:
+def step_times(dp: bool, steps: int, batch: int, seq: int, layers: str) -> list[float]:
     """Per-step wall times of one round of ``steps`` steps (the first, warm-up, dropped)."""
     cfg = from_flat(
         {
@@ -28,6 +28,7 @@ def step_times(dp: bool, steps: int, batch: int, seq: int) -> list[float]:
             "train.batch-size": batch,
             "model.max-length": seq,
             "train.local-steps": steps + 1,
+            "lora.layers": layers,
         }
     )
     rows = fdata.load(cfg.data.path, cfg.data).select(range(batch * 4))
@@ -42,12 +43,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--lora-layers", default="-1", help='LoRA layers ("": all; default: last)')
     a = ap.parse_args()
     # Interleave the two so machine noise hits both alike.
     plain, dp = [], []
     for _ in range(2):
-        plain += step_times(False, a.steps // 2, a.batch, a.seq)
-        dp += step_times(True, a.steps // 2, a.batch, a.seq)
+        plain += step_times(False, a.steps // 2, a.batch, a.seq, a.lora_layers)
+        dp += step_times(True, a.steps // 2, a.batch, a.seq, a.lora_layers)
     mp, md = statistics.median(plain), statistics.median(dp)
     print(
         f"threads {torch.get_num_threads()}  batch {a.batch}  seq {a.seq}  steps {len(plain)} each"

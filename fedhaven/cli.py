@@ -137,7 +137,12 @@ def simulate(
     from fedhaven.simulations import simulate as run
 
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        from transformers.utils import logging as hf_logging
+
+        # One line per round is the output; Flower's notices (run_simulation's deprecation
+        # among them) and library warnings go to --verbose. Failed sites are still logged.
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+        hf_logging.disable_progress_bar()
         warnings.filterwarnings("ignore")
     summary = run(flat, progress=_progress, verbose=verbose)
     _summary_table(summary)
