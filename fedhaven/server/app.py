@@ -14,7 +14,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedhaven import data as fdata
@@ -57,7 +57,7 @@ def build_strategy(cfg: Config) -> FedAvg:
 def _site_rows(strategy: FedAvg, server_round: int) -> dict[str, dict[str, Any]]:
     rows = {}
     for node, kinds in sorted(strategy.site_metrics.get(server_round, {}).items()):
-        train, ev = kinds.get("train", {}), kinds.get("evaluate", {})
+        train, ev = kinds.get(MessageType.TRAIN, {}), kinds.get(MessageType.EVALUATE, {})
         rows[str(node)] = {
             "examples": int(train.get(protocol.NUM_EXAMPLES, 0)),
             "epsilon": train.get(protocol.EPSILON),

@@ -45,6 +45,18 @@ def simulate(
     overrides: Mapping[str, Any], progress: ProgressFn | None = None, verbose: bool = False
 ) -> dict[str, Any]:
     """Run a simulated federation; returns the run's ``summary.json`` content."""
+    # Flower's import and the Ray actors need process-wide variables: restore the caller's.
+    saved = dict(os.environ)
+    try:
+        return _simulate(overrides, progress, verbose)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _simulate(
+    overrides: Mapping[str, Any], progress: ProgressFn | None, verbose: bool
+) -> dict[str, Any]:
     from flwr.simulation import run_simulation
 
     from fedhaven.client.app import make_client_app

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
@@ -30,7 +30,7 @@ class FedAvg(FlowerFedAvg):
         super().__init__(**kwargs)
         self._expected: dict[str, tuple[int, ...]] = {}
         self._sent_bytes = 0
-        #: round -> node id -> {"train": metrics, "evaluate": metrics} of that site's replies
+        #: round -> node id -> {MessageType.TRAIN / EVALUATE: metrics of that site's reply}
         self.site_metrics: dict[int, dict[int, dict[str, dict[str, Any]]]] = {}
         #: round -> {"bytes_sent", "bytes_received", "sites_used", "rejected"}
         self.round_stats: dict[int, dict[str, int]] = {}
@@ -56,7 +56,8 @@ class FedAvg(FlowerFedAvg):
                 continue
             accepted.append(msg)
             site = self.site_metrics.setdefault(server_round, {}).setdefault(node, {})
-            site["train" if train else "evaluate"] = dict(msg.content[protocol.METRICS])
+            kind = MessageType.TRAIN if train else MessageType.EVALUATE
+            site[kind] = dict(msg.content[protocol.METRICS])
         return accepted
 
     def aggregate_train(

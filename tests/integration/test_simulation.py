@@ -31,12 +31,24 @@ def run(tmp_path_factory: pytest.TempPathFactory, tiny_flat: dict[str, object]) 
     overrides = {**tiny_flat, "privacy.enabled": True, "federation.out-dir": str(out)}
     progress: list[dict[str, Any]] = []
     env = dict(os.environ)
-    try:
-        summary = simulate(overrides, progress=progress.append)
-    finally:  # simulate() sets offline / quiet variables for its Ray actors: keep them here
-        os.environ.clear()
-        os.environ.update(env)
-    return {"summary": summary, "out": out, "cfg": from_flat(overrides), "progress": progress}
+    summary = simulate(overrides, progress=progress.append)
+    env_after = dict(os.environ)
+    return {
+        "summary": summary,
+        "out": out,
+        "cfg": from_flat(overrides),
+        "progress": progress,
+        "env_diff": {
+            k: (env.get(k), env_after.get(k))
+            for k in set(env) | set(env_after)
+            if env.get(k) != env_after.get(k)
+        },
+    }
+
+
+def test_simulate_restores_the_callers_environment(run: dict[str, Any]) -> None:
+    # it sets offline / quiet variables for its Ray actors only while it runs
+    assert run["env_diff"] == {}
 
 
 def test_summary(run: dict[str, Any]) -> None:
