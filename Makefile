@@ -28,6 +28,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/dp_overhead.py
+	$(PY) bench/demo.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,8 +1,8 @@
 """The default demo with and without DP, side by side: what privacy costs.
 
-Runs `fedhaven simulate` (defaults: 4 sites, Dirichlet(1.0), MiniLM + LoRA, 5 rounds) once
-with DP at ε=8 and once with --no-dp, each in its own process, and prints a table from the
-two summary.json files. Extra arguments go to both runs (e.g. --rounds 3).
+Runs `fedhaven simulate` (defaults: 4 sites, Dirichlet(1.0), MiniLM + LoRA, 5 rounds) with
+DP at ε=8, with --no-dp, and with the no-DP preset, each in its own process, and prints a
+table from their summary.json files. Extra arguments go to every run (e.g. --rounds 3).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+PRESET = str(Path(__file__).resolve().parents[1] / "presets" / "no-dp.toml")
 
 
 def run(out: Path, extra: list[str]) -> dict:
@@ -25,7 +27,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rows = [
             ("DP ε=8", run(Path(tmp, "dp"), extra)),
-            ("no DP", run(Path(tmp, "nodp"), [*extra, "--no-dp"])),
+            ("no DP (same defaults)", run(Path(tmp, "nodp"), [*extra, "--no-dp"])),
+            ("no DP (presets/no-dp.toml)", run(Path(tmp, "preset"), [*extra, "--config", PRESET])),
         ]
     print("| run | macro-F1 | accuracy | per-class F1 | max site ε | wall s |")
     print("|---|---|---|---|---|---|")

@@ -210,3 +210,11 @@ def test_pyproject_run_config_matches_config_defaults() -> None:
         assert table[key] == value, key
         assert isinstance(table[key], bool) == isinstance(value, bool), key
     assert from_flat(table) == Config()
+
+
+def test_no_dp_preset_is_a_valid_config_without_privacy() -> None:
+    preset = Path(__file__).resolve().parents[2] / "presets" / "no-dp.toml"
+    cfg = from_flat(load_toml(preset))
+    assert cfg.privacy.enabled is False
+    assert cfg.lora.layer_indices is None  # every layer
+    assert cfg.train.batch_size < Config().train.batch_size
