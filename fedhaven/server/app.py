@@ -99,7 +99,7 @@ def run_server(grid: Grid, cfg: Config, progress: ProgressFn | None = None) -> d
             "round": server_round,
             "wall_s": round(time.perf_counter() - t0, 2),
             "global": {k: ev[k] for k in ("loss", "accuracy", "macro_f1", "per_class_f1")},
-            "max_epsilon": max(eps) if eps else None,
+            "max_epsilon": max(eps, default=None),
             **strategy.round_stats.get(server_round, {}),
             "sites": sites,
         }
@@ -128,10 +128,12 @@ def run_server(grid: Grid, cfg: Config, progress: ProgressFn | None = None) -> d
     finally:
         metrics_file.close()
 
-    set_adapter_state(model, protocol.from_record(result.arrays))
+    if len(result.arrays) == 0:  # no round aggregated anything: every site failed
+        log.warning("no site update was accepted in any round: saving the initial adapter")
+    final = result.arrays if len(result.arrays) else initial
+    set_adapter_state(model, protocol.from_record(final))
     save_trained(model, cfg, out / "adapter")
 
-    last = history[-1] if history else {}
     sites = {}
     for line in history:  # a site's latest round it took part in
         for node, row in line["sites"].items():
@@ -142,6 +144,7 @@ def run_server(grid: Grid, cfg: Config, progress: ProgressFn | None = None) -> d
                 "macro_f1": row["macro_f1"],
                 "last_round": line["round"],
             }
+    site_eps = [s["epsilon"] for s in sites.values() if s["epsilon"] is not None]
     summary = {
         "rounds": len(history),
         "labels": labels,
@@ -151,7 +154,7 @@ def run_server(grid: Grid, cfg: Config, progress: ProgressFn | None = None) -> d
         "sites": sites,
         "bytes_per_site_round": protocol.record_nbytes(initial),
         "full_model_bytes": full_model_bytes(model.get_base_model()),
-        "max_epsilon": last.get("max_epsilon"),
+        "max_epsilon": max(site_eps, default=None),
         "delta": cfg.privacy.delta if cfg.privacy.enabled else None,
         "wall_s": round(time.perf_counter() - t0, 2),
         "config": cfg.to_flat(),
