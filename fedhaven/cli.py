@@ -148,6 +148,59 @@ def simulate(
     _summary_table(summary)
 
 
+ledger_app = typer.Typer(no_args_is_help=True, help="A site's privacy ledger.")
+app.add_typer(ledger_app, name="ledger")
+
+
+@ledger_app.command("show")
+def ledger_show(
+    state: Annotated[Path, typer.Option(help="the site's state directory")],
+    json_: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Every private round this site trained, and the ε spent over all of them."""
+    import json
+
+    from fedhaven.privacy import LEDGER_FILE, Ledger, epsilon_of
+
+    ledger = Ledger(state)
+    if not ledger.path.is_file():
+        raise FedhavenError(f"no privacy ledger at '{ledger.path}': pass the site's --state DIR")
+    entries = ledger.entries()
+    deltas = {e["delta"] for e in entries}
+    delta = max(deltas) if deltas else None
+    total = {
+        "rounds": len(entries),
+        "steps": sum(e["steps"] for e in entries),
+        "delta": delta,
+        # at the largest δ any round used: the guarantee that holds for all of them
+        "epsilon": epsilon_of(ledger.history(), delta) if delta else 0.0,
+    }
+    if json_:
+        print(json.dumps({"ledger": str(ledger.path), "entries": entries, "total": total}))
+        return
+    table = Table(title=f"privacy ledger ({LEDGER_FILE})")
+    for col in ("time", "run", "round", "steps", "sample rate", "σ", "δ", "ε after"):
+        table.add_column(col, justify="right")
+    for e in entries:
+        table.add_row(
+            e["time"],
+            str(e["run_id"]),
+            str(e["round"]),
+            str(e["steps"]),
+            f"{e['sample_rate']:.3g}",
+            f"{e['noise_multiplier']:.3f}",
+            f"{e['delta']:g}",
+            f"{e['epsilon']:.2f}",
+        )
+    console.print(table)
+    console.print(
+        f"{total['rounds']} rounds, {total['steps']} steps: ε = {total['epsilon']:.2f} "
+        f"at δ = {delta:g}"
+        if delta
+        else "no rounds recorded"
+    )
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:

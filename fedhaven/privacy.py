@@ -7,8 +7,11 @@ Here the accountant's history is handed in (``accountant_state``) and handed bac
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -154,3 +157,55 @@ def make_private(
         noise_generator=private_generator(next(model.parameters()).device),
     )
     return PrivateRound(dp_model, dp_optimizer, dp_loader, engine, sigma, rate)
+
+
+#: The site ledger's file inside the site's state directory.
+LEDGER_FILE = "privacy-ledger.jsonl"
+
+
+class Ledger:
+    """The site's own record of every private training round, on the site's disk.
+
+    One JSON line per round: run id, round, steps, sample rate, noise multiplier, δ, the
+    Gaussian releases the round made (accountant history entries) and ε after the round over
+    the site's whole history — every round of every run, across restarts. Appended and
+    fsync'ed before the update leaves the site. Never rewritten.
+    """
+
+    def __init__(self, state_dir: str | Path) -> None:
+        self.path = Path(state_dir) / LEDGER_FILE
+
+    def entries(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        lines = self.path.read_text().splitlines()
+        out = []
+        for i, line in enumerate(lines):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                if i == len(lines) - 1:  # a crash mid-write: that round's update never left
+                    break
+                raise FedhavenError(
+                    f"privacy ledger '{self.path}' line {i + 1} is corrupt: restore it from "
+                    "a backup; the site's spent budget cannot be known without it"
+                ) from e
+        return out
+
+    def history(self) -> list[Release]:
+        """Every release the site ever made, as an Opacus accountant history."""
+        return [tuple(r) for e in self.entries() for r in e["releases"]]  # type: ignore[misc]
+
+    def append(self, entry: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def epsilon_of(history: list[Release], delta: float, accountant: str = "rdp") -> float:
+    """ε of a release history, as a fresh Opacus accountant computes it."""
+    acc = create_accountant(mechanism=accountant)
+    acc.history = list(history)
+    return float(acc.get_epsilon(delta=delta)) if history else 0.0

@@ -30,6 +30,8 @@ class RoundResult:
     accountant_state: dict[str, Any] | None = None
     step_seconds: list[float] = field(default_factory=list)  # wall time of each step
     label_prior: list[float] | None = None  # for logit adjustment; keep it for later rounds
+    #: this round's Gaussian releases, as accountant history entries (noise, rate, steps)
+    releases: list[tuple[float, float, int]] = field(default_factory=list)
 
 
 def default_device() -> torch.device:
@@ -187,6 +189,7 @@ def train_round(
         result.epsilon = private.epsilon(cfg.privacy.delta)
         result.noise_multiplier = private.noise_multiplier
         result.accountant_state = private.accountant_state()
+        result.releases = [*released, (private.noise_multiplier, private.sample_rate, len(losses))]
     return result
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message
@@ -21,12 +22,14 @@ from fedhaven import data as fdata
 from fedhaven import protocol
 from fedhaven.config import Config, from_flat
 from fedhaven.models import adapter_state, build_model, load_tokenizer, set_adapter_state
+from fedhaven.privacy import Ledger
 from fedhaven.training import default_device, evaluate, train_round
 
 # Node-config keys (set by Flower's simulation engine, or by the site operator).
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 DATA_PATH = "data-path"
+STATE_DIR = "state-dir"  # the site's own directory: its privacy ledger lives there
 # context.state record holding this site's accountant history across rounds.
 PRIVACY_STATE = "privacy"
 ACCOUNTANT = "accountant"
@@ -77,14 +80,38 @@ def handle_train(msg: Message, context: Context, overrides: Mapping[str, Any]) -
     model = _global_model(cfg, msg)
     state = context.state.get(PRIVACY_STATE) or ConfigRecord()
     server_round = int(msg.content[protocol.CONFIG].get(protocol.SERVER_ROUND, 1))
+    ledger = (
+        Ledger(str(context.node_config[STATE_DIR])) if STATE_DIR in context.node_config else None
+    )
+    if ledger is not None:  # the site's whole history, across runs and restarts
+        accountant_state = {"history": ledger.history(), "mechanism": cfg.privacy.accountant}
+    elif ACCOUNTANT in state:  # this run's history, kept in the node's context
+        accountant_state = json.loads(str(state[ACCOUNTANT]))
+    else:
+        accountant_state = None
     result = train_round(
         model,
         train,
         cfg,
         server_round=server_round,
-        accountant_state=json.loads(str(state[ACCOUNTANT])) if ACCOUNTANT in state else None,
+        accountant_state=accountant_state,
         label_prior=json.loads(str(state[LABEL_PRIOR])) if LABEL_PRIOR in state else None,
     )
+    if ledger is not None and result.releases:
+        # On the site's disk before the update can leave it.
+        ledger.append(
+            {
+                "time": datetime.now(UTC).isoformat(timespec="seconds"),
+                "run_id": context.run_id,
+                "round": server_round,
+                "steps": result.steps,
+                "sample_rate": result.releases[-1][1],
+                "noise_multiplier": result.noise_multiplier,
+                "delta": cfg.privacy.delta,
+                "releases": result.releases,
+                "epsilon": result.epsilon,
+            }
+        )
     # Site-private state: never sent, kept for this site's next round of the run.
     if result.label_prior is not None:
         state[LABEL_PRIOR] = json.dumps(result.label_prior)

@@ -1,0 +1,127 @@
+"""The site's privacy ledger: on disk, cumulative across runs and restarts, readable by
+`fedhaven ledger show`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from flwr.app import Context, Message, MessageType, RecordDict
+from opacus.accountants import RDPAccountant
+
+from fedhaven import protocol
+from fedhaven.client.app import STATE_DIR, handle_train
+from fedhaven.config import Config
+from fedhaven.errors import FedhavenError
+from fedhaven.models import adapter_state, build_model
+from fedhaven.privacy import LEDGER_FILE, Ledger, epsilon_of
+
+
+def instruction(cfg: Config, server_round: int) -> Message:
+    content = RecordDict(
+        {
+            protocol.ARRAYS: protocol.to_record(adapter_state(build_model(cfg))),
+            protocol.CONFIG: protocol.train_config(server_round),
+        }
+    )
+    return Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
+
+
+def test_entries_round_trip_and_history_concatenates_releases(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "site")
+    assert ledger.entries() == [] and ledger.history() == []
+    ledger.append({"round": 1, "releases": [[8.0, 1.0, 1], [0.9, 0.5, 4]]})
+    ledger.append({"round": 2, "releases": [[0.9, 0.5, 4]]})
+    assert [e["round"] for e in ledger.entries()] == [1, 2]
+    assert ledger.history() == [(8.0, 1.0, 1), (0.9, 0.5, 4), (0.9, 0.5, 4)]
+    assert len((tmp_path / "site" / LEDGER_FILE).read_text().splitlines()) == 2
+
+
+def test_a_torn_last_line_is_ignored_but_a_corrupt_middle_line_is_an_error(
+    tmp_path: Path,
+) -> None:
+    ledger = Ledger(tmp_path)
+    ledger.append({"round": 1, "releases": [[1.0, 0.5, 2]]})
+    with ledger.path.open("a") as f:
+        f.write('{"round": 2, "relea')  # the site crashed mid-write: that update never left
+    assert [e["round"] for e in ledger.entries()] == [1]
+    with ledger.path.open("a") as f:
+        f.write('\n{"round": 3, "releases": []}\n')
+    with pytest.raises(FedhavenError, match="line 2 is corrupt"):
+        ledger.entries()
+
+
+def test_epsilon_of_matches_a_fresh_opacus_accountant() -> None:
+    history = [(8.0, 1.0, 1), (1.1, 0.25, 12)]
+    acc = RDPAccountant()
+    acc.history = list(history)
+    assert epsilon_of(history, 1e-5) == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-12)
+    assert epsilon_of([], 1e-5) == 0.0
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_a_restarted_site_continues_from_its_ledger(tiny_cfg: Config, tmp_path: Path) -> None:
+    cfg = tiny_cfg.replace(**{"privacy.enabled": True})
+    node = {"partition-id": 0, "num-partitions": 2, STATE_DIR: str(tmp_path)}
+    eps = []
+    for server_round in (1, 2):
+        # a fresh Context each round: the site process restarted and kept only its disk
+        context = Context(run_id=7, node_id=1, node_config=node, state=RecordDict(), run_config={})
+        reply = handle_train(instruction(cfg, server_round=server_round), context, cfg.to_flat())
+        eps.append(reply.content[protocol.METRICS][protocol.EPSILON])
+    entries = Ledger(tmp_path).entries()
+    assert [e["round"] for e in entries] == [1, 2]
+    assert [e["epsilon"] for e in entries] == eps
+    assert 0 < eps[0] < eps[1]
+    # ε after round 2 is over the whole on-disk history, as a fresh accountant sees it
+    assert eps[1] == pytest.approx(epsilon_of(Ledger(tmp_path).history(), cfg.privacy.delta))
+    # the label histogram is a release too, recorded with the round that made it
+    assert entries[0]["releases"][0] == [cfg.privacy.prior_noise, 1.0, 1]
+
+
+def _ledger_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    return subprocess.run(
+        [sys.executable, "-m", "fedhaven.cli", "ledger", "show", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def test_ledger_show_json_totals_and_a_missing_ledger(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path)
+    history = [(8.0, 1.0, 1), (1.0, 0.5, 3)]
+    for i, rel in enumerate(history, start=1):
+        ledger.append(
+            {
+                "time": "2026-11-25T00:00:00+00:00",
+                "run_id": 1,
+                "round": i,
+                "steps": rel[2],
+                "sample_rate": rel[1],
+                "noise_multiplier": rel[0],
+                "delta": 1e-5,
+                "releases": [list(rel)],
+                "epsilon": epsilon_of(history[:i], 1e-5),
+            }
+        )
+    out = _ledger_cli("--state", str(tmp_path), "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert len(data["entries"]) == 2
+    assert data["total"]["steps"] == 4
+    assert data["total"]["epsilon"] == pytest.approx(epsilon_of(history, 1e-5))
+
+    table = _ledger_cli("--state", str(tmp_path))
+    assert table.returncode == 0 and "2 rounds, 4 steps" in table.stdout
+
+    missing = _ledger_cli("--state", str(tmp_path / "nope"))
+    assert missing.returncode == 2
+    assert missing.stderr.strip().startswith("error: no privacy ledger")
+    assert len(missing.stderr.strip().splitlines()) == 1
