@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedhaven.config import Config
 from fedhaven.privacy import label_prior as private_label_prior
-from fedhaven.privacy import make_private, private_generator
+from fedhaven.privacy import make_private, noise_for_budget, private_generator, sample_rate
 
 
 @dataclass
@@ -76,6 +76,20 @@ def _check_weights_moved(model: torch.nn.Module, before: dict[str, torch.Tensor]
             "trainable weights did not change after the first optimizer step "
             "(opacus#820: was the model moved to a device after get_peft_model?)"
         )
+
+
+def round_releases(
+    cfg: Config, num_examples: int, *, release_prior: bool
+) -> list[tuple[float, float, int]]:
+    """The Gaussian releases one DP round at a site of this size will make, before it runs.
+
+    The same σ ``train_round`` will solve for: a site checks its budget with this.
+    """
+    steps = steps_per_round(num_examples, cfg)
+    rate = sample_rate(num_examples, min(cfg.train.batch_size, num_examples))
+    prior = [(cfg.privacy.prior_noise, 1.0, 1)] if cfg.train.logit_adjustment else []
+    sigma = noise_for_budget(cfg.privacy, rate, steps * cfg.federation.rounds, tuple(prior))
+    return [*(prior if release_prior else []), (sigma, rate, steps)]
 
 
 def _noise_only_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:

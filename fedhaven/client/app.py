@@ -21,15 +21,18 @@ from torch.utils.data import TensorDataset
 from fedhaven import data as fdata
 from fedhaven import protocol
 from fedhaven.config import Config, from_flat
+from fedhaven.errors import FedhavenError
 from fedhaven.models import adapter_state, build_model, load_tokenizer, set_adapter_state
-from fedhaven.privacy import Ledger
-from fedhaven.training import default_device, evaluate, train_round
+from fedhaven.privacy import Ledger, epsilon_of
+from fedhaven.training import default_device, evaluate, round_releases, train_round
 
 # Node-config keys (set by Flower's simulation engine, or by the site operator).
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 DATA_PATH = "data-path"
 STATE_DIR = "state-dir"  # the site's own directory: its privacy ledger lives there
+EPSILON_BUDGET = "epsilon-budget"  # the site's own ε limit over its whole ledger
+DELTA = "delta"  # the site's own δ for that limit
 # context.state record holding this site's accountant history across rounds.
 PRIVACY_STATE = "privacy"
 ACCOUNTANT = "accountant"
@@ -74,15 +77,43 @@ def _global_model(cfg: Config, msg: Message):
     return model
 
 
+def check_budget(
+    cfg: Config, context: Context, ledger: Ledger | None, num_examples: int, has_prior: bool
+) -> None:
+    """Refuse, before training, a round that would take the site past its own budget.
+
+    The budget (ε, δ) is the site's node config; the coordinator's run config cannot raise
+    it, and a run config that turns DP off is refused outright.
+    """
+    node = context.node_config
+    allowed, delta = float(node[EPSILON_BUDGET]), float(node.get(DELTA, cfg.privacy.delta))
+    if ledger is None:
+        raise FedhavenError(
+            f"node config sets {EPSILON_BUDGET} but no {STATE_DIR}: the budget "
+            "needs a ledger on the site's disk"
+        )
+    if not cfg.privacy.enabled:
+        raise FedhavenError(f"refused: the run turns DP off, but this site allows ε={allowed:g}")
+    planned = round_releases(cfg, num_examples, release_prior=not has_prior)
+    spent = epsilon_of(ledger.history(), delta, cfg.privacy.accountant)
+    after = epsilon_of([*ledger.history(), *planned], delta, cfg.privacy.accountant)
+    if after > allowed:
+        raise FedhavenError(
+            f"privacy budget exhausted: spent ε={spent:.2f}, this round would reach "
+            f"ε={after:.2f}, allowed ε={allowed:g} at δ={delta:g}"
+        )
+
+
 def handle_train(msg: Message, context: Context, overrides: Mapping[str, Any]) -> Message:
     cfg = site_config(context, overrides)
     train, _ = site_data(cfg, context)
     model = _global_model(cfg, msg)
     state = context.state.get(PRIVACY_STATE) or ConfigRecord()
     server_round = int(msg.content[protocol.CONFIG].get(protocol.SERVER_ROUND, 1))
-    ledger = (
-        Ledger(str(context.node_config[STATE_DIR])) if STATE_DIR in context.node_config else None
-    )
+    node = context.node_config
+    ledger = Ledger(str(node[STATE_DIR])) if STATE_DIR in node else None
+    if EPSILON_BUDGET in node:  # before any training: a refused round touches nothing
+        check_budget(cfg, context, ledger, len(train), has_prior=LABEL_PRIOR in state)
     if ledger is not None:  # the site's whole history, across runs and restarts
         accountant_state = {"history": ledger.history(), "mechanism": cfg.privacy.accountant}
     elif ACCOUNTANT in state:  # this run's history, kept in the node's context

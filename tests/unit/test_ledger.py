@@ -14,11 +14,12 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from opacus.accountants import RDPAccountant
 
 from fedhaven import protocol
-from fedhaven.client.app import STATE_DIR, handle_train
+from fedhaven.client.app import EPSILON_BUDGET, STATE_DIR, handle_train, site_data
 from fedhaven.config import Config
 from fedhaven.errors import FedhavenError
 from fedhaven.models import adapter_state, build_model
 from fedhaven.privacy import LEDGER_FILE, Ledger, epsilon_of
+from fedhaven.training import round_releases
 
 
 def instruction(cfg: Config, server_round: int) -> Message:
@@ -125,3 +126,57 @@ def test_ledger_show_json_totals_and_a_missing_ledger(tmp_path: Path) -> None:
     assert missing.returncode == 2
     assert missing.stderr.strip().startswith("error: no privacy ledger")
     assert len(missing.stderr.strip().splitlines()) == 1
+
+
+def _site(tmp_path: Path, **node: object) -> Context:
+    base = {"partition-id": 0, "num-partitions": 2, STATE_DIR: str(tmp_path)}
+    return Context(
+        run_id=7, node_id=1, node_config={**base, **node}, state=RecordDict(), run_config={}
+    )
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_an_exhausted_budget_refuses_the_round_and_records_nothing(
+    tiny_cfg: Config, tmp_path: Path
+) -> None:
+    cfg = tiny_cfg.replace(**{"privacy.enabled": True})
+    context = _site(tmp_path, **{EPSILON_BUDGET: 1000.0})
+    first = handle_train(instruction(cfg, 1), context, cfg.to_flat())
+    spent = first.content[protocol.METRICS][protocol.EPSILON]
+    # the site lowers its own budget to just above what it has spent
+    context = _site(tmp_path, **{EPSILON_BUDGET: spent * 1.01})
+    with pytest.raises(FedhavenError, match=r"budget exhausted: spent ε=.*allowed ε="):
+        handle_train(instruction(cfg, 2), context, cfg.to_flat())
+    assert len(Ledger(tmp_path).entries()) == 1  # the refused round left no entry
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_the_budget_check_predicts_exactly_what_the_round_releases(
+    tiny_cfg: Config, tmp_path: Path
+) -> None:
+    cfg = tiny_cfg.replace(**{"privacy.enabled": True})
+    train, _ = site_data(cfg, _site(tmp_path))
+    planned = round_releases(cfg, len(train), release_prior=True)
+    handle_train(instruction(cfg, 1), _site(tmp_path, **{EPSILON_BUDGET: 1000.0}), cfg.to_flat())
+    (entry,) = Ledger(tmp_path).entries()
+    assert [tuple(r) for r in entry["releases"]] == planned
+
+
+@pytest.mark.usefixtures("flower_identity")
+@pytest.mark.parametrize(
+    ("flat", "node", "match"),
+    [
+        ({"privacy.enabled": False}, {EPSILON_BUDGET: 8.0}, "the run turns DP off"),
+        ({"privacy.enabled": True}, {EPSILON_BUDGET: 8.0, STATE_DIR: None}, "no state-dir"),
+    ],
+)
+def test_a_site_with_a_budget_refuses_what_it_cannot_account(
+    tiny_cfg: Config, tmp_path: Path, flat: dict, node: dict, match: str
+) -> None:
+    cfg = tiny_cfg.replace(**flat)
+    context = _site(tmp_path, **node)
+    if node.get(STATE_DIR, "") is None:
+        del context.node_config[STATE_DIR]
+    with pytest.raises(FedhavenError, match=match):
+        handle_train(instruction(cfg, 1), context, cfg.to_flat())
+    assert not (tmp_path / LEDGER_FILE).exists()
