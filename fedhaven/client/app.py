@@ -20,6 +20,7 @@ from torch.utils.data import TensorDataset
 
 from fedhaven import data as fdata
 from fedhaven import protocol
+from fedhaven.client.mods import allowlist_mod
 from fedhaven.config import Config, from_flat
 from fedhaven.errors import FedhavenError
 from fedhaven.models import adapter_state, build_model, load_tokenizer, set_adapter_state
@@ -159,7 +160,6 @@ def handle_train(msg: Message, context: Context, overrides: Mapping[str, Any]) -
         metrics[protocol.EPSILON] = result.epsilon
         metrics[protocol.NOISE_MULTIPLIER] = float(result.noise_multiplier or 0.0)
     content = protocol.train_reply(adapter_state(model), metrics)
-    protocol.check_reply(content, train=True)
     return Message(content, reply_to=msg)
 
 
@@ -175,7 +175,6 @@ def handle_evaluate(msg: Message, context: Context, overrides: Mapping[str, Any]
             protocol.MACRO_F1: ev["macro_f1"],
         }
     content = protocol.evaluate_reply(metrics)
-    protocol.check_reply(content, train=False)
     return Message(content, reply_to=msg)
 
 
@@ -186,7 +185,8 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     as overrides (Flower's in-process simulation gives the apps an empty run config).
     """
     fixed = dict(overrides or {})
-    client = ClientApp()
+    # Every reply passes the outgoing allow-list on its way out of the site.
+    client = ClientApp(mods=[allowlist_mod])
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:

@@ -1,0 +1,37 @@
+"""Flower client mods of the site (``msg, ctxt, call_next``)."""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import Context, Error, Message, MessageType
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.constant import ErrorCode
+
+from fedhaven import protocol
+
+log = logging.getLogger(__name__)
+
+
+def allowlist_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Let a reply leave the site only if it holds nothing outside the allow-list.
+
+    Train replies: exactly the adapter tensors the coordinator sent (same keys and shapes),
+    plus allow-listed metrics; evaluate replies: allow-listed metrics only. Anything else
+    becomes an error reply that carries the reason and none of the content.
+    """
+    reply = call_next(msg, ctxt)
+    if reply.has_error():
+        return reply
+    train = msg.metadata.message_type == MessageType.TRAIN
+    sent = msg.content.get(protocol.ARRAYS)
+    expected = {k: tuple(a.shape) for k, a in sent.items()} if train and sent else None
+    try:
+        protocol.check_reply(reply.content, train=train, expected=expected)
+    except ValueError as e:
+        log.error("allowlist_mod: reply withheld: %s", e)
+        return Message(
+            Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=f"reply withheld: {e}"),
+            reply_to=msg,
+        )
+    return reply
