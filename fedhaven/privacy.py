@@ -11,6 +11,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +196,32 @@ class Ledger:
     def history(self) -> list[Release]:
         """Every release the site ever made, as an Opacus accountant history."""
         return [tuple(r) for e in self.entries() for r in e["releases"]]  # type: ignore[misc]
+
+    def record(
+        self,
+        *,
+        run_id: int,
+        server_round: int,
+        steps: int,
+        noise_multiplier: float,
+        delta: float,
+        releases: list[Release],
+        epsilon: float,
+    ) -> None:
+        """Append one private round (the entry's schema lives here only)."""
+        self.append(
+            {
+                "time": datetime.now(UTC).isoformat(timespec="seconds"),
+                "run_id": run_id,
+                "round": server_round,
+                "steps": steps,
+                "sample_rate": releases[-1][1],
+                "noise_multiplier": noise_multiplier,
+                "delta": delta,
+                "releases": releases,
+                "epsilon": epsilon,
+            }
+        )
 
     def append(self, entry: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

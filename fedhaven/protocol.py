@@ -55,6 +55,11 @@ def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(v.numpy().copy()) for k, v in record.items()}
 
 
+def shapes(record: ArrayRecord) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of every tensor in an ArrayRecord (what a reply must match)."""
+    return {k: tuple(a.shape) for k, a in record.items()}
+
+
 def record_nbytes(record: ArrayRecord) -> int:
     """Bytes of tensor payload in an ArrayRecord."""
     return sum(len(a.data) for a in record.values())

@@ -53,11 +53,14 @@ def lr_factor(server_round: int, cfg: Config) -> float:
     return (rounds - min(max(server_round, 1), rounds) + 1) / rounds
 
 
+LORA_MARKER = "lora_"  # in the names of PEFT's LoRA parameters (lora_A, lora_B)
+
+
 def _optimizer(model: torch.nn.Module, cfg: Config, factor: float) -> torch.optim.Optimizer:
     lora, other = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (lora if "lora_" in name else other).append(p)
+            (lora if LORA_MARKER in name else other).append(p)
     lr = cfg.train.learning_rate * factor
     lora_lr = (cfg.train.lora_learning_rate or cfg.train.learning_rate) * factor
     groups = [{"params": other}, {"params": lora, "lr": lora_lr}]
@@ -70,7 +73,7 @@ def _check_weights_moved(model: torch.nn.Module, before: dict[str, torch.Tensor]
     """Guard against opacus#820: after step 1 the trainable weights must have changed."""
     now = dict(model.named_parameters())
     moved = [n for n, t in before.items() if not torch.equal(t, now[n].detach())]
-    lora = [n for n in before if "lora_" in n]
+    lora = [n for n in before if LORA_MARKER in n]
     if not moved or (lora and not set(lora) & set(moved)):
         raise RuntimeError(
             "trainable weights did not change after the first optimizer step "

@@ -2,8 +2,9 @@
 
 A site's data comes from its own node config (``data-path``) in a deployment, or from its
 partition of the run's dataset in a simulation (``partition-id`` / ``num-partitions``, set by
-Flower's simulation engine). The privacy accountant's history lives in the node's
-``context.state``, so ε is cumulative over the rounds of a run.
+Flower's simulation engine). The privacy accountant's history comes from the site's ledger
+when the node config names a ``state-dir`` (cumulative over runs and restarts), else from the
+node's ``context.state`` (cumulative over the rounds of a run).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message
@@ -24,7 +24,7 @@ from fedhaven.client.mods import allowlist_mod
 from fedhaven.config import Config, from_flat
 from fedhaven.errors import FedhavenError
 from fedhaven.models import adapter_state, build_model, load_tokenizer, set_adapter_state
-from fedhaven.privacy import Ledger, epsilon_of
+from fedhaven.privacy import Ledger, Release, epsilon_of
 from fedhaven.training import default_device, evaluate, round_releases, train_round
 
 # Node-config keys (set by Flower's simulation engine, or by the site operator).
@@ -79,7 +79,11 @@ def _global_model(cfg: Config, msg: Message):
 
 
 def check_budget(
-    cfg: Config, context: Context, ledger: Ledger | None, num_examples: int, has_prior: bool
+    cfg: Config,
+    context: Context,
+    history: list[Release] | None,
+    num_examples: int,
+    has_prior: bool,
 ) -> None:
     """Refuse, before training, a round that would take the site past its own budget.
 
@@ -88,7 +92,7 @@ def check_budget(
     """
     node = context.node_config
     allowed, delta = float(node[EPSILON_BUDGET]), float(node.get(DELTA, cfg.privacy.delta))
-    if ledger is None:
+    if history is None:
         raise FedhavenError(
             f"node config sets {EPSILON_BUDGET} but no {STATE_DIR}: the budget "
             "needs a ledger on the site's disk"
@@ -96,8 +100,8 @@ def check_budget(
     if not cfg.privacy.enabled:
         raise FedhavenError(f"refused: the run turns DP off, but this site allows ε={allowed:g}")
     planned = round_releases(cfg, num_examples, release_prior=not has_prior)
-    spent = epsilon_of(ledger.history(), delta, cfg.privacy.accountant)
-    after = epsilon_of([*ledger.history(), *planned], delta, cfg.privacy.accountant)
+    spent = epsilon_of(history, delta, cfg.privacy.accountant)
+    after = epsilon_of([*history, *planned], delta, cfg.privacy.accountant)
     if after > allowed:
         raise FedhavenError(
             f"privacy budget exhausted: spent ε={spent:.2f}, this round would reach "
@@ -113,10 +117,11 @@ def handle_train(msg: Message, context: Context, overrides: Mapping[str, Any]) -
     server_round = int(msg.content[protocol.CONFIG].get(protocol.SERVER_ROUND, 1))
     node = context.node_config
     ledger = Ledger(str(node[STATE_DIR])) if STATE_DIR in node else None
+    history = ledger.history() if ledger is not None else None  # read the file once
     if EPSILON_BUDGET in node:  # before any training: a refused round touches nothing
-        check_budget(cfg, context, ledger, len(train), has_prior=LABEL_PRIOR in state)
-    if ledger is not None:  # the site's whole history, across runs and restarts
-        accountant_state = {"history": ledger.history(), "mechanism": cfg.privacy.accountant}
+        check_budget(cfg, context, history, len(train), has_prior=LABEL_PRIOR in state)
+    if history is not None:  # the site's whole history, across runs and restarts
+        accountant_state = {"history": history, "mechanism": cfg.privacy.accountant}
     elif ACCOUNTANT in state:  # this run's history, kept in the node's context
         accountant_state = json.loads(str(state[ACCOUNTANT]))
     else:
@@ -131,18 +136,14 @@ def handle_train(msg: Message, context: Context, overrides: Mapping[str, Any]) -
     )
     if ledger is not None and result.releases:
         # On the site's disk before the update can leave it.
-        ledger.append(
-            {
-                "time": datetime.now(UTC).isoformat(timespec="seconds"),
-                "run_id": context.run_id,
-                "round": server_round,
-                "steps": result.steps,
-                "sample_rate": result.releases[-1][1],
-                "noise_multiplier": result.noise_multiplier,
-                "delta": cfg.privacy.delta,
-                "releases": result.releases,
-                "epsilon": result.epsilon,
-            }
+        ledger.record(
+            run_id=context.run_id,
+            server_round=server_round,
+            steps=result.steps,
+            noise_multiplier=float(result.noise_multiplier or 0.0),
+            delta=cfg.privacy.delta,
+            releases=result.releases,
+            epsilon=float(result.epsilon or 0.0),
         )
     # Site-private state: never sent, kept for this site's next round of the run.
     if result.label_prior is not None:

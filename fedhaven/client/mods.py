@@ -25,7 +25,7 @@ def allowlist_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> 
         return reply
     train = msg.metadata.message_type == MessageType.TRAIN
     sent = msg.content.get(protocol.ARRAYS)
-    expected = {k: tuple(a.shape) for k, a in sent.items()} if train and sent else None
+    expected = protocol.shapes(sent) if train and sent else None
     try:
         protocol.check_reply(reply.content, train=train, expected=expected)
     except ValueError as e:

@@ -38,7 +38,7 @@ class FedAvg(FlowerFedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._expected = {k: tuple(a.shape) for k, a in arrays.items()}
+        self._expected = protocol.shapes(arrays)
         self._sent_bytes = protocol.record_nbytes(arrays)
         return super().configure_train(server_round, arrays, config, grid)
 
