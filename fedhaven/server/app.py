@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 #: Called after each round with that round's line of metrics.jsonl (the CLI prints progress).
 ProgressFn = Callable[[dict[str, Any]], None]
+#: How the sites ran, recorded in ``summary.json`` as ``engine``.
+SIMULATION, DEPLOYMENT = "simulation", "deployment"
 
 
 def run_dir(cfg: Config) -> Path:
@@ -69,8 +71,14 @@ def _site_rows(strategy: FedAvg, server_round: int) -> dict[str, dict[str, Any]]
     return rows
 
 
-def run_server(grid: Grid, cfg: Config, progress: ProgressFn | None = None) -> dict[str, Any]:
-    """Run the federation on ``grid`` and write the run directory; returns the summary."""
+def run_server(
+    grid: Grid, cfg: Config, progress: ProgressFn | None = None, engine: str = DEPLOYMENT
+) -> dict[str, Any]:
+    """Run the federation on ``grid`` and write the run directory; returns the summary.
+
+    ``engine`` (:data:`SIMULATION` or :data:`DEPLOYMENT`) is recorded in the summary: only a
+    simulated run's data can be rebuilt for ``fedhaven audit``.
+    """
     t0 = time.perf_counter()
     out = run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -160,13 +168,16 @@ def run_server(grid: Grid, cfg: Config, progress: ProgressFn | None = None) -> d
         "config": cfg.to_flat(),
         "versions": {p: version(p) for p in ("flwr", "torch", "transformers", "peft", "opacus")},
         "run_dir": str(out),
+        "engine": engine,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 def make_server_app(
-    overrides: Mapping[str, Any] | None = None, progress: ProgressFn | None = None
+    overrides: Mapping[str, Any] | None = None,
+    progress: ProgressFn | None = None,
+    engine: str = DEPLOYMENT,
 ) -> ServerApp:
     """A ServerApp whose run config is ``context.run_config`` updated with ``overrides``."""
     fixed = dict(overrides or {})
@@ -174,7 +185,7 @@ def make_server_app(
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, from_flat({**context.run_config, **fixed}), progress)
+        run_server(grid, from_flat({**context.run_config, **fixed}), progress, engine)
 
     return server
 

@@ -13,7 +13,7 @@ from typing import Any
 from fedhaven import data as fdata
 from fedhaven.config import Config, from_flat
 from fedhaven.models import resolve_model_path
-from fedhaven.server.app import ProgressFn
+from fedhaven.server.app import SIMULATION, ProgressFn
 
 #: Offline by design: no telemetry, no hub, no runtime dependency installs.
 OFFLINE_ENV = {
@@ -73,7 +73,7 @@ def _simulate(
     if not verbose:
         os.environ.update(QUIET_ENV)
     run_simulation(
-        server_app=make_server_app(flat, progress),
+        server_app=make_server_app(flat, progress, engine=SIMULATION),
         client_app=make_client_app(flat),
         num_supernodes=cfg.federation.sites,
         backend_config={

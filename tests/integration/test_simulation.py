@@ -56,6 +56,7 @@ def test_summary(run: dict[str, Any]) -> None:
     summary = run["summary"]
     assert json.loads((out / "summary.json").read_text()) == summary
     assert summary["rounds"] == 2
+    assert summary["engine"] == "simulation"
     assert summary["labels"] == ["negative", "neutral", "positive"]
     assert 0 <= summary["global"]["accuracy"] <= 1
     assert 0 <= summary["global"]["macro_f1"] <= 1
