@@ -106,6 +106,14 @@ def simulate(
     out: Annotated[
         Path | None, typer.Option(help="run directory (default runs/<timestamp>)")
     ] = None,
+    site_budget: Annotated[
+        str | None,
+        typer.Option(help="each simulated site's own ε budget: one number, or one per site"),
+    ] = None,
+    site_state: Annotated[
+        Path | None,
+        typer.Option(help="root of the sites' state dirs (ledgers); reuse it to keep spending"),
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="TOML file of run-config keys")] = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="any run-config KEY=VALUE")
@@ -133,6 +141,13 @@ def simulate(
     }
     flat = {**(load_toml(config) if config else {}), **_parse_set(set_ or [])}
     flat |= {k: v for k, v in flags.items() if v is not None}
+    # The sites' own settings (a [sites] table, --site-*) stay out of the run config.
+    sites = {k[len("sites.") :]: flat.pop(k) for k in [k for k in flat if k.startswith("sites.")]}
+    sites |= {
+        k: v
+        for k, v in {"epsilon-budget": site_budget, "state-dir": site_state}.items()
+        if v is not None
+    }
     from_flat(flat)  # validate before the heavy imports and anything else starts
     from fedhaven.simulations import simulate as run
 
@@ -144,7 +159,7 @@ def simulate(
         logging.getLogger("flwr").setLevel(logging.ERROR)
         hf_logging.disable_progress_bar()
         warnings.filterwarnings("ignore")
-    summary = run(flat, progress=_progress, verbose=verbose)
+    summary = run(flat, progress=_progress, verbose=verbose, sites=sites)
     _summary_table(summary)
 
 

@@ -34,6 +34,9 @@ MACRO_F1 = "macro-f1"
 TRAIN_METRICS = frozenset({NUM_EXAMPLES, TRAIN_LOSS, EPSILON, NOISE_MULTIPLIER, STEPS})
 EVALUATE_METRICS = frozenset({NUM_EXAMPLES, LOSS, ACCURACY, MACRO_F1})
 
+#: Error code of a site's deliberate refusal (its privacy budget): Flower's codes are < 100.
+REFUSED = 100
+
 # Opacus wraps a model as GradSampleModule(_module=...): its state_dict keys gain this prefix.
 OPACUS_PREFIX = "_module."
 

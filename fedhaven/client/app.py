@@ -2,20 +2,24 @@
 
 A site's data comes from its own node config (``data-path``) in a deployment, or from its
 partition of the run's dataset in a simulation (``partition-id`` / ``num-partitions``, set by
-Flower's simulation engine). The privacy accountant's history comes from the site's ledger
-when the node config names a ``state-dir`` (cumulative over runs and restarts), else from the
-node's ``context.state`` (cumulative over the rounds of a run).
+Flower's simulation engine). A simulated site's own settings (state dir, budget) are given to
+the ClientApp by the harness, per partition, never through the coordinator's run config.
+The privacy accountant's history comes from the site's ledger when the node config names a
+``state-dir`` (cumulative over runs and restarts), else from the node's ``context.state``
+(cumulative over the rounds of a run).
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping
+import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message
+from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 from torch.utils.data import TensorDataset
 
 from fedhaven import data as fdata
@@ -34,14 +38,27 @@ DATA_PATH = "data-path"
 STATE_DIR = "state-dir"  # the site's own directory: its privacy ledger lives there
 EPSILON_BUDGET = "epsilon-budget"  # the site's own ε limit over its whole ledger
 DELTA = "delta"  # the site's own δ for that limit
+#: A simulated site's own node settings by partition id (the harness stands in for operators).
+SiteSettings = Mapping[int, Mapping[str, Any]]
 # context.state record holding this site's accountant history across rounds.
 PRIVACY_STATE = "privacy"
 ACCOUNTANT = "accountant"
 LABEL_PRIOR = "label-prior"
 
 
+log = logging.getLogger(__name__)
+
+
 def site_config(context: Context, overrides: Mapping[str, Any]) -> Config:
     return from_flat({**context.run_config, **overrides})
+
+
+def node_settings(context: Context, sites: SiteSettings | None = None) -> dict[str, Any]:
+    """The site's own settings: its node config, plus a simulated partition's settings."""
+    node = dict(context.node_config)
+    if sites and PARTITION_ID in node:
+        node.update(sites.get(int(node[PARTITION_ID]), {}))
+    return node
 
 
 @functools.lru_cache(maxsize=8)
@@ -63,8 +80,7 @@ def _site_data(cfg: Config, node_key: tuple[Any, ...]) -> tuple[TensorDataset, T
     )
 
 
-def site_data(cfg: Config, context: Context) -> tuple[TensorDataset, TensorDataset]:
-    node = context.node_config
+def site_data(cfg: Config, node: Mapping[str, Any]) -> tuple[TensorDataset, TensorDataset]:
     if DATA_PATH in node:
         key: tuple[Any, ...] = (DATA_PATH, str(node[DATA_PATH]), 1)
     else:
@@ -80,7 +96,7 @@ def _global_model(cfg: Config, msg: Message):
 
 def check_budget(
     cfg: Config,
-    context: Context,
+    node: Mapping[str, Any],
     history: list[Release] | None,
     num_examples: int,
     has_prior: bool,
@@ -90,7 +106,6 @@ def check_budget(
     The budget (ε, δ) is the site's node config; the coordinator's run config cannot raise
     it, and a run config that turns DP off is refused outright.
     """
-    node = context.node_config
     allowed, delta = float(node[EPSILON_BUDGET]), float(node.get(DELTA, cfg.privacy.delta))
     if history is None:
         raise FedhavenError(
@@ -109,17 +124,27 @@ def check_budget(
         )
 
 
-def handle_train(msg: Message, context: Context, overrides: Mapping[str, Any]) -> Message:
+def handle_train(
+    msg: Message,
+    context: Context,
+    overrides: Mapping[str, Any],
+    sites: SiteSettings | None = None,
+) -> Message:
     cfg = site_config(context, overrides)
-    train, _ = site_data(cfg, context)
+    node = node_settings(context, sites)
+    train, _ = site_data(cfg, node)
     model = _global_model(cfg, msg)
     state = context.state.get(PRIVACY_STATE) or ConfigRecord()
     server_round = int(msg.content[protocol.CONFIG].get(protocol.SERVER_ROUND, 1))
-    node = context.node_config
     ledger = Ledger(str(node[STATE_DIR])) if STATE_DIR in node else None
     history = ledger.history() if ledger is not None else None  # read the file once
     if EPSILON_BUDGET in node:  # before any training: a refused round touches nothing
-        check_budget(cfg, context, history, len(train), has_prior=LABEL_PRIOR in state)
+        try:
+            check_budget(cfg, node, history, len(train), has_prior=LABEL_PRIOR in state)
+        except FedhavenError as e:
+            # A deliberate answer, not a crash: an error reply naming spent and allowed ε.
+            log.warning("round %d refused: %s", server_round, e)
+            return Message(Error(code=protocol.REFUSED, reason=str(e)), reply_to=msg)
     if history is not None:  # the site's whole history, across runs and restarts
         accountant_state = {"history": history, "mechanism": cfg.privacy.accountant}
     elif ACCOUNTANT in state:  # this run's history, kept in the node's context
@@ -164,9 +189,14 @@ def handle_train(msg: Message, context: Context, overrides: Mapping[str, Any]) -
     return Message(content, reply_to=msg)
 
 
-def handle_evaluate(msg: Message, context: Context, overrides: Mapping[str, Any]) -> Message:
+def handle_evaluate(
+    msg: Message,
+    context: Context,
+    overrides: Mapping[str, Any],
+    sites: SiteSettings | None = None,
+) -> Message:
     cfg = site_config(context, overrides)
-    _, val = site_data(cfg, context)
+    _, val = site_data(cfg, node_settings(context, sites))
     ev = evaluate(_global_model(cfg, msg), val, cfg)
     metrics: dict[str, float] = {protocol.NUM_EXAMPLES: ev["num_examples"]}
     if ev["num_examples"]:
@@ -179,23 +209,29 @@ def handle_evaluate(msg: Message, context: Context, overrides: Mapping[str, Any]
     return Message(content, reply_to=msg)
 
 
-def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
+def make_client_app(
+    overrides: Mapping[str, Any] | None = None,
+    sites: SiteSettings | None = None,
+    mods: Sequence[Mod] = (),
+) -> ClientApp:
     """A ClientApp whose run config is ``context.run_config`` updated with ``overrides``.
 
     ``flwr run`` uses the module-level :data:`app`; ``fedhaven simulate`` passes its flags
-    as overrides (Flower's in-process simulation gives the apps an empty run config).
+    as overrides (Flower's in-process simulation gives the apps an empty run config) and each
+    simulated site's own settings as ``sites``. ``mods`` wrap the allow-list: they see a
+    reply only after it passed (a site's own audit hook, say).
     """
     fixed = dict(overrides or {})
     # Every reply passes the outgoing allow-list on its way out of the site.
-    client = ClientApp(mods=[allowlist_mod])
+    client = ClientApp(mods=[*mods, allowlist_mod])
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, context, fixed)
+        return handle_train(msg, context, fixed, sites)
 
     @client.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
-        return handle_evaluate(msg, context, fixed)
+        return handle_evaluate(msg, context, fixed, sites)
 
     return client
 

@@ -1,5 +1,10 @@
 """The one-box harness: N virtual sites partitioned from one dataset, the same ClientApp and
 ServerApp as a deployment, run by Flower's simulation engine (Ray backend).
+
+Each simulated site has what a real site sets for itself: a state directory holding its privacy
+ledger (default ``<run>/sites/site-<i>``) and, optionally, its own ε budget and δ. They come
+from the ``sites`` table of a config file (or ``--site-budget`` / ``--site-state``) and go to
+the ClientApp only, like a deployed site's node config: the coordinator never sees them.
 """
 
 from __future__ import annotations
@@ -8,10 +13,13 @@ import json
 import os
 from collections.abc import Mapping
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from fedhaven import data as fdata
+from fedhaven.client.app import DELTA, EPSILON_BUDGET, STATE_DIR, SiteSettings
 from fedhaven.config import Config, from_flat
+from fedhaven.errors import FedhavenError
 from fedhaven.models import resolve_model_path
 from fedhaven.server.app import SIMULATION, ProgressFn
 
@@ -33,6 +41,45 @@ QUIET_ENV = {
 }
 
 
+#: Prefix of the per-site keys in a flat config (``sites.epsilon-budget = [8, 8, 2, 8]``).
+SITES_PREFIX = "sites."
+
+
+def site_settings(spec: Mapping[str, Any], cfg: Config) -> dict[int, dict[str, Any]]:
+    """Each simulated site's own node settings from ``spec`` (keys without the prefix).
+
+    ``epsilon-budget`` and ``delta`` take one value for every site, or one per site (a list
+    or a comma-separated string); ``state-dir`` is the root of the sites' state directories.
+    """
+    n = cfg.federation.sites
+    unknown = set(spec) - {STATE_DIR, EPSILON_BUDGET, DELTA}
+    if unknown:
+        raise FedhavenError(
+            f"unknown site setting '{SITES_PREFIX}{sorted(unknown)[0]}': valid ones are "
+            f"{', '.join(SITES_PREFIX + k for k in (STATE_DIR, EPSILON_BUDGET, DELTA))}"
+        )
+    root = Path(str(spec.get(STATE_DIR) or Path(cfg.federation.out_dir) / "sites"))
+    sites: dict[int, dict[str, Any]] = {i: {STATE_DIR: str(root / f"site-{i}")} for i in range(n)}
+    for key, upper in ((EPSILON_BUDGET, float("inf")), (DELTA, 1.0)):
+        if key not in spec:
+            continue
+        raw = spec[key]
+        items = raw.split(",") if isinstance(raw, str) else raw
+        items = items if isinstance(items, list | tuple) else [items]
+        fix = f"give one number in (0, {upper:g}) or {n} comma-separated ones, one per site"
+        try:
+            values = [float(v) for v in items]
+        except (TypeError, ValueError):
+            values = []
+        if len(values) == 1:
+            values *= n
+        if len(values) != n or not all(0 < v < upper for v in values):
+            raise FedhavenError(f"site setting '{SITES_PREFIX}{key}' = {raw!r} is invalid: {fix}")
+        for i, v in enumerate(values):
+            sites[i][key] = v
+    return sites
+
+
 def preflight(cfg: Config) -> None:
     """Fail fast, before Ray starts, on every user error we can see from here."""
     resolve_model_path(cfg.model.path)
@@ -42,20 +89,30 @@ def preflight(cfg: Config) -> None:
 
 
 def simulate(
-    overrides: Mapping[str, Any], progress: ProgressFn | None = None, verbose: bool = False
+    overrides: Mapping[str, Any],
+    progress: ProgressFn | None = None,
+    verbose: bool = False,
+    sites: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run a simulated federation; returns the run's ``summary.json`` content."""
+    """Run a simulated federation; returns the run's ``summary.json`` content.
+
+    ``overrides`` is the run config (flat keys); ``sites`` the sites' own settings
+    (see :func:`site_settings`).
+    """
     # Flower's import and the Ray actors need process-wide variables: restore the caller's.
     saved = dict(os.environ)
     try:
-        return _simulate(overrides, progress, verbose)
+        return _simulate(overrides, progress, verbose, sites or {})
     finally:
         os.environ.clear()
         os.environ.update(saved)
 
 
 def _simulate(
-    overrides: Mapping[str, Any], progress: ProgressFn | None, verbose: bool
+    overrides: Mapping[str, Any],
+    progress: ProgressFn | None,
+    verbose: bool,
+    sites: Mapping[str, Any],
 ) -> dict[str, Any]:
     from flwr.simulation import run_simulation
 
@@ -67,6 +124,7 @@ def _simulate(
     if not cfg.federation.out_dir:
         flat["federation.out-dir"] = os.path.join("runs", datetime.now().strftime("%Y%m%d-%H%M%S"))
         cfg = from_flat(flat)
+    per_site: SiteSettings = site_settings(sites, cfg)
     preflight(cfg)
     # Ray actors inherit the driver's environment at start-up.
     os.environ.update(OFFLINE_ENV)
@@ -74,7 +132,7 @@ def _simulate(
         os.environ.update(QUIET_ENV)
     run_simulation(
         server_app=make_server_app(flat, progress, engine=SIMULATION),
-        client_app=make_client_app(flat),
+        client_app=make_client_app(flat, per_site),
         num_supernodes=cfg.federation.sites,
         backend_config={
             # One CPU per site: on a 2-core box two sites train at once, each in its own actor

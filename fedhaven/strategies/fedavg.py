@@ -47,7 +47,8 @@ class FedAvg(FlowerFedAvg):
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                log.warning("round %d: site %d failed: %s", server_round, node, msg.error.reason)
+                what = "refused" if msg.error.code == protocol.REFUSED else "failed"
+                log.warning("round %d: site %d %s: %s", server_round, node, what, msg.error.reason)
                 continue
             try:
                 protocol.check_reply(msg.content, train=train, expected=self._expected or None)

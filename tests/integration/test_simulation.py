@@ -142,3 +142,13 @@ def test_load_trained_rebuilds_the_model_from_the_run(run: dict[str, Any]) -> No
 def test_load_trained_rejects_a_directory_without_a_run_config(tmp_path: Path) -> None:
     with pytest.raises(FedhavenError, match="not a fedhaven adapter directory"):
         load_trained(tmp_path)
+
+
+def test_every_simulated_site_keeps_its_own_ledger(run: dict[str, Any]) -> None:
+    from fedhaven.privacy import Ledger
+
+    reported = sorted(s["epsilon"] for s in run["summary"]["sites"].values())
+    ledgers = [Ledger(run["out"] / "sites" / f"site-{i}").entries() for i in range(2)]
+    assert [[e["round"] for e in entries] for entries in ledgers] == [[1, 2], [1, 2]]
+    # what each site reported is what its ledger says it spent
+    assert sorted(entries[-1]["epsilon"] for entries in ledgers) == pytest.approx(reported)

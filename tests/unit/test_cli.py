@@ -44,6 +44,10 @@ CASES = {
     "missing-column": Case(("--text-column", "body"), "column 'body' not found"),
     "too-many-sites": Case(("--sites", "500"), "500 sites but only 60 rows"),
     "bracket-in-path": Case(("--data", "{bracket}"), "data[x]/no-such-file.csv' not found"),
+    "site-budgets-count": Case(
+        ("--sites", "3", "--site-budget", "8,8"), "'sites.epsilon-budget' = '8,8' is invalid"
+    ),
+    "unknown-site-key": Case(("--set", "sites.budget=8"), "unknown site setting 'sites.budget'"),
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,14 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from opacus.accountants import RDPAccountant
 
 from fedhaven import protocol
-from fedhaven.client.app import EPSILON_BUDGET, STATE_DIR, handle_train, site_data
+from fedhaven.client.app import (
+    DELTA,
+    EPSILON_BUDGET,
+    STATE_DIR,
+    handle_train,
+    make_client_app,
+    site_data,
+)
 from fedhaven.config import Config
 from fedhaven.errors import FedhavenError
 from fedhaven.models import adapter_state, build_model
@@ -135,6 +143,13 @@ def _site(tmp_path: Path, **node: object) -> Context:
     )
 
 
+def _refused(reply: Message, match: str) -> None:
+    """A refusal: an error reply (code REFUSED) whose reason matches, and nothing else."""
+    assert reply.has_error() and not reply.has_content()
+    assert reply.error.code == protocol.REFUSED
+    assert re.search(match, reply.error.reason), reply.error.reason
+
+
 @pytest.mark.usefixtures("flower_identity")
 def test_an_exhausted_budget_refuses_the_round_and_records_nothing(
     tiny_cfg: Config, tmp_path: Path
@@ -145,8 +160,8 @@ def test_an_exhausted_budget_refuses_the_round_and_records_nothing(
     spent = first.content[protocol.METRICS][protocol.EPSILON]
     # the site lowers its own budget to just above what it has spent
     context = _site(tmp_path, **{EPSILON_BUDGET: spent * 1.01})
-    with pytest.raises(FedhavenError, match=r"budget exhausted: spent ε=.*allowed ε="):
-        handle_train(instruction(cfg, 2), context, cfg.to_flat())
+    reply = handle_train(instruction(cfg, 2), context, cfg.to_flat())
+    _refused(reply, r"budget exhausted: spent ε=\d.*allowed ε=\d")
     assert len(Ledger(tmp_path).entries()) == 1  # the refused round left no entry
 
 
@@ -155,7 +170,7 @@ def test_the_budget_check_predicts_exactly_what_the_round_releases(
     tiny_cfg: Config, tmp_path: Path
 ) -> None:
     cfg = tiny_cfg.replace(**{"privacy.enabled": True})
-    train, _ = site_data(cfg, _site(tmp_path))
+    train, _ = site_data(cfg, _site(tmp_path).node_config)
     planned = round_releases(cfg, len(train), release_prior=True)
     handle_train(instruction(cfg, 1), _site(tmp_path, **{EPSILON_BUDGET: 1000.0}), cfg.to_flat())
     (entry,) = Ledger(tmp_path).entries()
@@ -177,6 +192,50 @@ def test_a_site_with_a_budget_refuses_what_it_cannot_account(
     context = _site(tmp_path, **node)
     if node.get(STATE_DIR, "") is None:
         del context.node_config[STATE_DIR]
-    with pytest.raises(FedhavenError, match=match):
-        handle_train(instruction(cfg, 1), context, cfg.to_flat())
+    _refused(handle_train(instruction(cfg, 1), context, cfg.to_flat()), match)
     assert not (tmp_path / LEDGER_FILE).exists()
+
+
+@pytest.mark.usefixtures("flower_identity")
+@pytest.mark.parametrize(
+    "coordinator",
+    [
+        {"privacy.epsilon": 100.0},  # raise the budget
+        {"privacy.prior-noise": 0.5},  # cut the label histogram's noise
+        {"privacy.delta": 0.5},  # a δ that makes any σ look cheap
+        {"privacy.enabled": False},  # no noise at all
+    ],
+)
+def test_a_coordinator_config_cannot_raise_the_budget_or_cut_the_noise(
+    tiny_cfg: Config, tmp_path: Path, coordinator: dict, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = tiny_cfg.replace(**{"privacy.enabled": True, **coordinator})
+    context = _site(tmp_path, **{EPSILON_BUDGET: 8.0, DELTA: 1e-5})
+    with caplog.at_level("WARNING", logger="fedhaven.client.app"):
+        reply = handle_train(instruction(cfg, 1), context, cfg.to_flat())
+    _refused(reply, "refused|budget exhausted|no noise level")
+    assert any("round 1 refused" in r.getMessage() for r in caplog.records)
+    assert not (tmp_path / LEDGER_FILE).exists()
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_the_ledger_entry_is_on_disk_before_the_reply_is_sent(
+    tiny_cfg: Config, tmp_path: Path
+) -> None:
+    cfg = tiny_cfg.replace(**{"privacy.enabled": True})
+    seen: list[tuple[int, float]] = []
+
+    def failing_send(msg: Message, context: Context, call_next) -> Message:
+        reply = call_next(msg, context)  # the reply as it would be handed to the transport
+        seen.append(
+            (len(Ledger(tmp_path).entries()), reply.content[protocol.METRICS][protocol.EPSILON])
+        )
+        raise ConnectionError("the link to the coordinator dropped")
+
+    app = make_client_app(cfg.to_flat(), mods=[failing_send])
+    with pytest.raises(ConnectionError):
+        app(instruction(cfg, 1), _site(tmp_path))
+    ((entries_at_send, epsilon),) = seen
+    assert entries_at_send == 1
+    (entry,) = Ledger(tmp_path).entries()  # the spent budget stays spent
+    assert entry["epsilon"] == epsilon and entry["round"] == 1

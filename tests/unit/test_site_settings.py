@@ -1,0 +1,48 @@
+"""The harness's per-site settings: what a simulated site sets for itself."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedhaven.client.app import DELTA, EPSILON_BUDGET, STATE_DIR
+from fedhaven.config import Config
+from fedhaven.errors import FedhavenError
+from fedhaven.simulations import site_settings
+
+
+def _cfg(sites: int = 3) -> Config:
+    return Config().replace(**{"federation.sites": sites, "federation.out-dir": "runs/r1"})
+
+
+def test_defaults_give_every_site_its_own_state_dir_under_the_run() -> None:
+    assert site_settings({}, _cfg()) == {
+        i: {STATE_DIR: f"runs/r1/sites/site-{i}"} for i in range(3)
+    }
+
+
+@pytest.mark.parametrize("budget", [4.0, "4", [4, 4, 4], "4,4,4"])
+def test_one_budget_or_one_per_site(budget: object) -> None:
+    sites = site_settings({EPSILON_BUDGET: budget, STATE_DIR: "state"}, _cfg())
+    assert [s[EPSILON_BUDGET] for s in sites.values()] == [4.0, 4.0, 4.0]
+    assert sites[2][STATE_DIR] == "state/site-2"
+
+
+def test_per_site_budgets_and_deltas() -> None:
+    sites = site_settings({EPSILON_BUDGET: [8, 2.5, 1], DELTA: "1e-5,1e-6,1e-5"}, _cfg())
+    assert [s[EPSILON_BUDGET] for s in sites.values()] == [8.0, 2.5, 1.0]
+    assert [s[DELTA] for s in sites.values()] == [1e-5, 1e-6, 1e-5]
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ({EPSILON_BUDGET: [8, 8]}, r"'sites.epsilon-budget' = \[8, 8\] is invalid: give one"),
+        ({EPSILON_BUDGET: "8,x,8"}, "'sites.epsilon-budget' = '8,x,8' is invalid"),
+        ({EPSILON_BUDGET: 0}, "'sites.epsilon-budget' = 0 is invalid"),
+        ({DELTA: 1.5}, r"'sites.delta' = 1.5 is invalid: give one number in \(0, 1\)"),
+        ({"budget": 8}, "unknown site setting 'sites.budget': valid ones are sites.state-dir"),
+    ],
+)
+def test_bad_site_settings_name_the_key_and_the_fix(spec: dict, match: str) -> None:
+    with pytest.raises(FedhavenError, match=match):
+        site_settings(spec, _cfg())
