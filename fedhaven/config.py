@@ -20,6 +20,8 @@ from fedhaven.errors import FedhavenError
 BUNDLED = "bundled"
 
 Scalar = str | int | float | bool
+#: privacy.central choices ("where clipping happens"-"how the bound is set").
+CENTRAL_DP = ("off", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
 
 
 def _require(ok: bool, key: str, value: Any, fix: str) -> None:
@@ -154,6 +156,13 @@ class PrivacyConfig:
     # σ of the Gaussian noise on each label count of the site's histogram (released once per
     # run for logit adjustment, and accounted like a training step)
     prior_noise: float = 8.0
+    # Central (site-level) DP at the coordinator, on top of the sites' own record-level DP:
+    # off | server-fixed | client-fixed | server-adaptive | client-adaptive — Flower's
+    # DifferentialPrivacy{Server,Client}Side{Fixed,Adaptive}Clipping. Meaningful with many
+    # sites: the noise is central-noise × clip / sites on every coordinate.
+    central: str = "off"
+    central_noise: float = 1.0  # the Gaussian noise multiplier z of each aggregate
+    central_clip: float = 1.0  # the bound on a site's update norm (initial bound if adaptive)
 
     def __post_init__(self) -> None:
         _require(self.epsilon > 0, "privacy.epsilon", self.epsilon, "ε must be > 0")
@@ -165,6 +174,14 @@ class PrivacyConfig:
             self.accountant,
             "use 'rdp' or 'prv'",
         )
+        _require(
+            self.central in CENTRAL_DP,
+            "privacy.central",
+            self.central,
+            f"use one of {', '.join(CENTRAL_DP)}",
+        )
+        _require(self.central_noise > 0, "privacy.central-noise", self.central_noise, "must be > 0")
+        _require(self.central_clip > 0, "privacy.central-clip", self.central_clip, "must be > 0")
 
 
 @dataclass(frozen=True)

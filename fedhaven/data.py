@@ -188,6 +188,17 @@ def split_train_val(ds: Dataset, val_fraction: float, seed: int) -> tuple[Datase
     return ds.select(np.sort(order[n_val:])), ds.select(np.sort(order[:n_val]))
 
 
+def simulated_sites(
+    full: Dataset, cfg: DataConfig, num_sites: int, seed: int
+) -> list[tuple[Dataset, Dataset]]:
+    """Each simulated site's (train, validation) rows of ``full``: the ClientApp trains on
+    them and ``fedhaven audit`` rebuilds them, so they are decided here only."""
+    parts = partition(full, cfg, num_sites, seed)
+    return [
+        split_train_val(full.select(idx), cfg.val_fraction, seed + k) for k, idx in enumerate(parts)
+    ]
+
+
 def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> TensorDataset:
     """Fixed-length tensors: ``(input_ids, attention_mask, label)``.
 

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
 # Record names inside a Message's RecordDict (Flower strategies take them as arguments).
 ARRAYS = "arrays"
@@ -20,6 +21,8 @@ METRICS = "metrics"
 
 # Config keys the coordinator sends.
 SERVER_ROUND = "server-round"  # injected by Flower's strategies
+CLIPPING_NORM = KEY_CLIPPING_NORM  # central DP, client-side clipping: the bound (Flower's key)
+ADAPTIVE_CLIPPING = "adaptive-clipping"  # ... and whether to report the norm bit as well
 
 # Metric keys a site may send. NUM_EXAMPLES weights FedAvg.
 NUM_EXAMPLES = "num-examples"
@@ -30,8 +33,16 @@ STEPS = "steps"
 LOSS = "loss"
 ACCURACY = "accuracy"
 MACRO_F1 = "macro-f1"
+# 1 per site: central DP's FedAvg weighs by it, as its sensitivity bound needs every site to
+# count the same (num-examples weights would let a large site move the model further).
+SITE_WEIGHT = "site-weight"
+# Central DP with client-side adaptive clipping: was the update within the bound? (Flower's
+# key; the coordinator adds noise to the count of these bits.)
+NORM_BIT = KEY_NORM_BIT
 
-TRAIN_METRICS = frozenset({NUM_EXAMPLES, TRAIN_LOSS, EPSILON, NOISE_MULTIPLIER, STEPS})
+TRAIN_METRICS = frozenset(
+    {NUM_EXAMPLES, TRAIN_LOSS, EPSILON, NOISE_MULTIPLIER, STEPS, SITE_WEIGHT, NORM_BIT}
+)
 EVALUATE_METRICS = frozenset({NUM_EXAMPLES, LOSS, ACCURACY, MACRO_F1})
 
 #: Error code of a site's deliberate refusal (its privacy budget): Flower's codes are < 100.

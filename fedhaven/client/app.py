@@ -24,7 +24,7 @@ from torch.utils.data import TensorDataset
 
 from fedhaven import data as fdata
 from fedhaven import protocol
-from fedhaven.client.mods import allowlist_mod
+from fedhaven.client.mods import allowlist_mod, central_clipping_mod
 from fedhaven.config import Config, from_flat
 from fedhaven.errors import FedhavenError
 from fedhaven.models import adapter_state, build_model, load_tokenizer, set_adapter_state
@@ -67,12 +67,10 @@ def _site_data(cfg: Config, node_key: tuple[Any, ...]) -> tuple[TensorDataset, T
     kind, value, num = node_key
     if kind == DATA_PATH:
         ds = fdata.load(value, cfg.data)
-        seed = cfg.train.seed
+        train, val = fdata.split_train_val(ds, cfg.data.val_fraction, cfg.train.seed)
     else:
         full = fdata.load(cfg.data.path, cfg.data)
-        idx = fdata.partition(full, cfg.data, num, cfg.train.seed)[value]
-        ds, seed = full.select(idx), cfg.train.seed + value
-    train, val = fdata.split_train_val(ds, cfg.data.val_fraction, seed)
+        train, val = fdata.simulated_sites(full, cfg.data, num, cfg.train.seed)[value]
     tok = load_tokenizer(cfg.model.path)
     return (
         fdata.tokenize(train, tok, cfg.model.max_length),
@@ -181,6 +179,7 @@ def handle_train(
         protocol.NUM_EXAMPLES: result.num_examples,
         protocol.TRAIN_LOSS: result.loss,
         protocol.STEPS: result.steps,
+        protocol.SITE_WEIGHT: 1.0,
     }
     if result.epsilon is not None:
         metrics[protocol.EPSILON] = result.epsilon
@@ -222,8 +221,9 @@ def make_client_app(
     reply only after it passed (a site's own audit hook, say).
     """
     fixed = dict(overrides or {})
-    # Every reply passes the outgoing allow-list on its way out of the site.
-    client = ClientApp(mods=[*mods, allowlist_mod])
+    # Every reply passes the outgoing allow-list on its way out of the site, after the
+    # clipping that central DP with client-side clipping asks for.
+    client = ClientApp(mods=[*mods, allowlist_mod, central_clipping_mod])
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:

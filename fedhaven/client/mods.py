@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from flwr.app import Context, Error, Message, MessageType
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
@@ -35,3 +36,21 @@ def allowlist_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> 
             reply_to=msg,
         )
     return reply
+
+
+def central_clipping_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's client-side clipping, on the train rounds whose config asks for it.
+
+    Central DP with client-side clipping sends the bound in the train config; the update
+    (reply minus what was sent) is clipped to it before it leaves. With adaptive clipping the
+    reply also says whether the update was within the bound. Otherwise: a no-op.
+    """
+    config = msg.content.get(protocol.CONFIG)
+    if (
+        msg.metadata.message_type != MessageType.TRAIN
+        or config is None
+        or protocol.CLIPPING_NORM not in config
+    ):
+        return call_next(msg, ctxt)
+    mod = adaptiveclipping_mod if config.get(protocol.ADAPTIVE_CLIPPING) else fixedclipping_mod
+    return mod(msg, ctxt, call_next)

@@ -28,13 +28,15 @@ from fedhaven.models import (
     save_trained,
     set_adapter_state,
 )
-from fedhaven.strategies import FedAvg
+from fedhaven.strategies import FedAvg, central_dp
 from fedhaven.training import default_device, evaluate
 
 log = logging.getLogger(__name__)
 
 #: Called after each round with that round's line of metrics.jsonl (the CLI prints progress).
 ProgressFn = Callable[[dict[str, Any]], None]
+#: The run directory's files.
+ADAPTER_DIR, METRICS_FILE, SUMMARY_FILE = "adapter", "metrics.jsonl", "summary.json"
 #: How the sites ran, recorded in ``summary.json`` as ``engine``.
 SIMULATION, DEPLOYMENT = "simulation", "deployment"
 
@@ -47,7 +49,9 @@ def run_dir(cfg: Config) -> Path:
 
 def build_strategy(cfg: Config) -> FedAvg:
     fed = cfg.federation
+    central = cfg.privacy.central != "off"
     return FedAvg(
+        weighted_by_key=protocol.SITE_WEIGHT if central else protocol.NUM_EXAMPLES,
         fraction_train=fed.fraction_train,
         fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=min(fed.min_sites, fed.sites),
@@ -90,10 +94,17 @@ def run_server(
     )
     model = build_model(cfg, default_device())
     initial = protocol.to_record(adapter_state(model))
-    strategy = build_strategy(cfg)
+    base = build_strategy(cfg)
+    strategy, accountant = central_dp.wrap(base, cfg)
+
+    def central_epsilon() -> float | None:
+        if accountant is None:
+            return None
+        return accountant.get_epsilon(cfg.privacy.delta) if accountant.num_releases else 0.0
+
     history: list[dict[str, Any]] = []
     final_eval: dict[str, Any] = {}
-    metrics_file = (out / "metrics.jsonl").open("w")
+    metrics_file = (out / METRICS_FILE).open("w")
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:  # the untrained head says nothing worth the time
@@ -101,14 +112,15 @@ def run_server(
         set_adapter_state(model, protocol.from_record(arrays))
         ev = evaluate(model, test, cfg)
         final_eval.update(ev)
-        sites = _site_rows(strategy, server_round)
+        sites = _site_rows(base, server_round)
         eps = [s["epsilon"] for s in sites.values() if s["epsilon"] is not None]
         line = {
             "round": server_round,
             "wall_s": round(time.perf_counter() - t0, 2),
             "global": {k: ev[k] for k in ("loss", "accuracy", "macro_f1", "per_class_f1")},
             "max_epsilon": max(eps, default=None),
-            **strategy.round_stats.get(server_round, {}),
+            "central_epsilon": central_epsilon(),
+            **base.round_stats.get(server_round, {}),
             "sites": sites,
         }
         history.append(line)
@@ -140,7 +152,7 @@ def run_server(
         log.warning("no site update was accepted in any round: saving the initial adapter")
     final = result.arrays if len(result.arrays) else initial
     set_adapter_state(model, protocol.from_record(final))
-    save_trained(model, cfg, out / "adapter")
+    save_trained(model, cfg, out / ADAPTER_DIR)
 
     sites = {}
     for line in history:  # a site's latest round it took part in
@@ -164,13 +176,24 @@ def run_server(
         "full_model_bytes": full_model_bytes(model.get_base_model()),
         "max_epsilon": max(site_eps, default=None),
         "delta": cfg.privacy.delta if cfg.privacy.enabled else None,
+        # site-level (ε, δ) of the released models, from Flower's accountant
+        "central_dp": None
+        if accountant is None
+        else {
+            "mode": cfg.privacy.central,
+            "noise_multiplier": cfg.privacy.central_noise,
+            "clipping_norm": getattr(strategy, "clipping_norm", cfg.privacy.central_clip),
+            "releases": accountant.num_releases,
+            "epsilon": central_epsilon(),
+            "delta": cfg.privacy.delta,
+        },
         "wall_s": round(time.perf_counter() - t0, 2),
         "config": cfg.to_flat(),
         "versions": {p: version(p) for p in ("flwr", "torch", "transformers", "peft", "opacus")},
         "run_dir": str(out),
         "engine": engine,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -21,7 +21,7 @@ from fedhaven.client.app import DELTA, EPSILON_BUDGET, STATE_DIR, SiteSettings
 from fedhaven.config import Config, from_flat
 from fedhaven.errors import FedhavenError
 from fedhaven.models import resolve_model_path
-from fedhaven.server.app import SIMULATION, ProgressFn
+from fedhaven.server.app import SIMULATION, SUMMARY_FILE, ProgressFn
 
 #: Offline by design: no telemetry, no hub, no runtime dependency installs.
 OFFLINE_ENV = {
@@ -141,5 +141,5 @@ def _simulate(
             "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
         },
     )
-    with open(os.path.join(cfg.federation.out_dir, "summary.json")) as f:
+    with open(os.path.join(cfg.federation.out_dir, SUMMARY_FILE)) as f:
         return json.load(f)

@@ -52,6 +52,9 @@ class FedAvg(FlowerFedAvg):
                 continue
             try:
                 protocol.check_reply(msg.content, train=train, expected=self._expected or None)
+                weight = msg.content[protocol.METRICS].get(protocol.SITE_WEIGHT)
+                if train and self.weighted_by_key == protocol.SITE_WEIGHT and weight != 1:
+                    raise ValueError(f"'{protocol.SITE_WEIGHT}' is {weight}, not 1")
             except ValueError as e:
                 log.warning("round %d: rejected reply of site %d: %s", server_round, node, e)
                 continue
@@ -89,4 +92,6 @@ class FedAvg(FlowerFedAvg):
         ]
         if not accepted:
             return None
-        return super().aggregate_evaluate(server_round, accepted)
+        # Validation metrics average over examples, whatever weighs the training updates
+        # (under central DP every site's update counts the same).
+        return self.evaluate_metrics_aggr_fn([m.content for m in accepted], protocol.NUM_EXAMPLES)

@@ -17,7 +17,7 @@ from flwr.app import (
 from flwr.common.constant import ErrorCode
 
 from fedhaven import protocol
-from fedhaven.client.mods import allowlist_mod
+from fedhaven.client.mods import allowlist_mod, central_clipping_mod
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
 
@@ -80,3 +80,41 @@ def test_a_reply_with_anything_extra_becomes_an_error_reply(
     assert out.has_error()
     assert out.error.code == ErrorCode.MOD_FAILED_PRECONDITION
     assert reason in out.error.reason
+
+
+def _clipping_run(config: dict[str, object]) -> Message:
+    msg = _instruction(MessageType.TRAIN)
+    msg.content[protocol.CONFIG] = ConfigRecord({protocol.SERVER_ROUND: 1, **config})
+    # the site moved lora_B by 3 and the head by 4 from what it received: update norm 5
+    moved = {"lora_B": ADAPTER["lora_B"] + 3 / np.sqrt(8), "classifier": ADAPTER["classifier"]}
+    moved["classifier"] = moved["classifier"] + 4 / np.sqrt(3)
+    reply = Message(_train_content(moved, {protocol.NUM_EXAMPLES: 5}), reply_to=msg)
+    return central_clipping_mod(msg, _context(), lambda m, c: reply)
+
+
+def _update_norm(out: Message) -> float:
+    sent = {k: out.content[protocol.ARRAYS][k].numpy() - v for k, v in ADAPTER.items()}
+    return float(np.sqrt(sum((d**2).sum() for d in sent.values())))
+
+
+def test_central_clipping_mod_is_a_no_op_unless_the_round_asks_for_clipping() -> None:
+    out = _clipping_run({})
+    assert _update_norm(out) == pytest.approx(5.0, rel=1e-5)
+    assert protocol.NORM_BIT not in out.content[protocol.METRICS]
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_central_clipping_mod_clips_the_update_to_the_bound(adaptive: bool) -> None:
+    config = {protocol.CLIPPING_NORM: 1.0, protocol.ADAPTIVE_CLIPPING: adaptive}
+    out = _clipping_run(config)
+    assert _update_norm(out) == pytest.approx(1.0, rel=1e-5)
+    metrics = out.content[protocol.METRICS]
+    assert (protocol.NORM_BIT in metrics) is adaptive
+    if adaptive:
+        assert metrics[protocol.NORM_BIT] == 1  # the update was above the bound
+    # what the mod adds is still inside the allow-list
+    protocol.check_reply(
+        out.content,
+        train=True,
+        expected=protocol.shapes(ArrayRecord({k: Array(v) for k, v in ADAPTER.items()})),
+    )
