@@ -36,6 +36,7 @@ def _progress(line: dict[str, Any]) -> None:
         f"round {line['round']:>3}  {line['wall_s']:7.1f}s  "
         f"macro-F1 {g['macro_f1']:.3f}  accuracy {g['accuracy']:.3f}  "
         f"max site ε {_fmt(line['max_epsilon'], 2)}"
+        + ("" if line["central_epsilon"] is None else f"  central ε {line['central_epsilon']:.2f}")
     )
 
 
@@ -66,6 +67,11 @@ def _summary_table(summary: dict[str, Any]) -> None:
         f"{summary['bytes_per_site_round'] / 1e6:.2f} MB per site per round "
         f"(full model {summary['full_model_bytes'] / 1e6:.0f} MB)  "
         + (f"δ {delta:g}  " if delta else "no DP  ")
+        + (
+            f"central DP ({central['mode']}): site-level ε {central['epsilon']:.2f}  "
+            if (central := summary["central_dp"])
+            else ""
+        )
         + f"→ {summary['run_dir']}"
     )
 
@@ -213,6 +219,44 @@ def ledger_show(
         f"at δ = {delta:g}"
         if delta
         else "no rounds recorded"
+    )
+
+
+@app.command()
+def audit(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory written by fedhaven simulate")],
+    site: Annotated[int, typer.Option(help="the site whose training rows are the members")] = 0,
+    bootstrap: Annotated[int, typer.Option(help="bootstrap resamples for the interval")] = 1000,
+    seed: Annotated[int, typer.Option(help="seed for the label matching and bootstrap")] = 0,
+    json_: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Membership-inference attack (loss threshold) on a simulated run's final model.
+
+    RUN_DIR is a run directory written by `fedhaven simulate`. Members: the site's training
+    rows; non-members: held-out rows with the same labels. Reports the attack's ROC AUC.
+    """
+    import json
+
+    from transformers.utils import logging as hf_logging
+
+    from fedhaven.audit import audit as run_audit
+
+    # the result is one line: no load reports, progress bars or library warnings
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore")
+    result = run_audit(run_dir, site=site, bootstrap=bootstrap, seed=seed)
+    if json_:
+        print(json.dumps(result))
+        return
+    eps = result["epsilon"]
+    console.print(
+        f"membership inference (loss threshold), site {site}: AUC {result['auc']:.3f} "
+        f"[{result['ci_low']:.2f}, {result['ci_high']:.2f}] over {result['members']} members / "
+        f"{result['non_members']} non-members; "
+        + ("run without DP" if eps is None else f"run ε={eps:.1f}"),
+        highlight=False,
+        soft_wrap=True,
     )
 
 
