@@ -29,6 +29,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/dp_overhead.py
 	$(PY) bench/demo.py
+	$(PY) bench/privacy_audit.py
 
 clean:
 	rm -rf $(VENV) runs
