@@ -223,6 +223,35 @@ def ledger_show(
 
 
 @app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+) -> None:
+    """Write RUN_DIR/report.md and RUN_DIR/plots/*.png again from the run's files."""
+    from fedhaven.report import write_report
+
+    console.print(f"wrote {write_report(run_dir)}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def export(
+    adapter: Annotated[Path, typer.Option(help="a trained adapter directory (RUN/adapter)")],
+    merge: Annotated[Path, typer.Option(help="new directory for the merged, standalone model")],
+) -> None:
+    """Merge the adapter into its base model: a directory `from_pretrained` loads.
+
+    The default mean-pooling head loads with
+    AutoModelForSequenceClassification.from_pretrained(DIR, trust_remote_code=True).
+    """
+    from transformers.utils import logging as hf_logging
+
+    from fedhaven.models import export_merged
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    console.print(f"wrote {export_merged(adapter, merge)}", highlight=False, soft_wrap=True)
+
+
+@app.command()
 def audit(
     run_dir: Annotated[Path, typer.Argument(help="a run directory written by fedhaven simulate")],
     site: Annotated[int, typer.Option(help="the site whose training rows are the members")] = 0,

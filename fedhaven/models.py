@@ -26,6 +26,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from fedhaven.config import BUNDLED, Config, from_flat
 from fedhaven.errors import FedhavenError
+from fedhaven.hf_mean_pooling import MeanPoolingForSequenceClassification, mean_pool
 
 AdapterState = dict[str, torch.Tensor]
 
@@ -74,9 +75,7 @@ class MeanPoolingClassifier(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: object
     ) -> SequenceClassifierOutput:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return SequenceClassifierOutput(logits=self.classifier(pooled))
+        return SequenceClassifierOutput(logits=self.classifier(mean_pool(hidden, attention_mask)))
 
 
 def build_base(cfg: Config) -> nn.Module:
@@ -193,8 +192,41 @@ def load_trained(directory: str | Path) -> PeftModel:
     d = Path(directory)
     if not (d / RUN_CONFIG_FILE).is_file():
         raise FedhavenError(f"'{d}' is not a fedhaven adapter directory (no {RUN_CONFIG_FILE})")
-    cfg = from_flat(json.loads((d / RUN_CONFIG_FILE).read_text()))
-    return PeftModel.from_pretrained(build_base(cfg), d).eval()
+    return PeftModel.from_pretrained(build_base(trained_config(d)), d).eval()
+
+
+def trained_config(directory: Path) -> Config:
+    """The run config saved next to a trained adapter."""
+    return from_flat(json.loads((directory / RUN_CONFIG_FILE).read_text()))
+
+
+def export_merged(adapter_dir: str | Path, out: str | Path) -> Path:
+    """The adapter merged into its base: a standalone model directory for ``from_pretrained``.
+
+    ``model.pooling = cls``: a plain ``AutoModelForSequenceClassification``. ``mean``: a
+    :class:`MeanPoolingForSequenceClassification`, whose source is copied alongside, so
+    ``AutoModelForSequenceClassification.from_pretrained(out, trust_remote_code=True)``
+    loads it without fedhaven. Never writes into an existing, non-empty directory.
+    """
+    d, o = Path(adapter_dir), Path(out)
+    if o.exists() and (not o.is_dir() or any(o.iterdir())):
+        raise FedhavenError(f"'{o}' exists and is not empty: pass a new directory to --merge")
+    model = load_trained(d)
+    cfg = trained_config(d)
+    merged = model.merge_and_unload()
+    if cfg.model.pooling == "mean":
+        hf_config = copy.deepcopy(merged.encoder.config)
+        labels = cfg.data.label_names
+        hf_config.num_labels = len(labels)
+        hf_config.id2label = dict(enumerate(labels))
+        hf_config.label2id = {name: i for i, name in enumerate(labels)}
+        standalone = MeanPoolingForSequenceClassification(hf_config)
+        standalone.encoder.load_state_dict(merged.encoder.state_dict())
+        standalone.classifier.load_state_dict(merged.classifier.state_dict())
+        merged = standalone
+    merged.save_pretrained(o)
+    load_tokenizer(cfg.model.path).save_pretrained(o)
+    return o
 
 
 def full_model_bytes(model: torch.nn.Module) -> int:

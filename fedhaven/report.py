@@ -1,0 +1,239 @@
+"""A run explains itself: ``report.md`` and PNG plots in the run directory, from its
+``summary.json`` and ``metrics.jsonl`` (written at the end of every run; ``fedhaven report
+RUN_DIR`` writes them again).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on a site's server or in CI
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import MaxNLocator
+from sklearn.metrics import precision_recall_fscore_support
+
+from fedhaven.errors import FedhavenError
+
+#: The run directory's files (server/app.py writes the first three).
+ADAPTER_DIR, METRICS_FILE, SUMMARY_FILE = "adapter", "metrics.jsonl", "summary.json"
+REPORT_FILE, PLOTS_DIR = "report.md", "plots"
+PLOTS = ("global.png", "sites.png", "epsilon.png", "confusion.png")
+
+
+def _read(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    summary_file, metrics_file = run_dir / SUMMARY_FILE, run_dir / METRICS_FILE
+    if not run_dir.is_dir():
+        raise FedhavenError(f"run directory '{run_dir}' not found: pass a run directory")
+    for f in (summary_file, metrics_file):
+        if not f.is_file():
+            raise FedhavenError(
+                f"'{run_dir}' has no {f.name}: pass a run directory of a finished run"
+            )
+    summary = json.loads(summary_file.read_text())
+    rounds = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
+    return summary, rounds
+
+
+def _site_names(rounds: list[dict[str, Any]]) -> dict[str, str]:
+    """Flower's node ids are long random numbers: number the sites 1..N in a stable order."""
+    nodes = sorted({node for r in rounds for node in r["sites"]}, key=int)
+    return {node: f"site {i}" for i, node in enumerate(nodes, start=1)}
+
+
+def per_class(confusion: list[list[int]], labels: list[str]) -> list[dict[str, Any]]:
+    """Precision, recall, F1 and support per class from a confusion matrix (rows: truth)."""
+    cm = np.asarray(confusion)
+    k = np.arange(len(labels))
+    # the matrix is the multiset of (truth, prediction) pairs: expand it for scikit-learn
+    y_true = np.repeat(np.repeat(k, len(k)), cm.ravel())
+    y_pred = np.repeat(np.tile(k, len(k)), cm.ravel())
+    p, r, f, s = precision_recall_fscore_support(
+        y_true, y_pred, labels=k, average=None, zero_division=0
+    )
+    return [
+        {"label": name, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+         "support": int(s[i])}
+        for i, name in enumerate(labels)
+    ]  # fmt: skip
+
+
+def _plot_global(rounds: list[dict[str, Any]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = [r["round"] for r in rounds]
+    for key in ("accuracy", "macro_f1"):
+        ax.plot(x, [r["global"][key] for r in rounds], marker="o", label=key.replace("_", "-"))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="round", ylabel="held-out set", ylim=(0, 1), title="global model")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_sites(rounds: list[dict[str, Any]], names: dict[str, str], path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
+    for ax, key in zip(axes, ("accuracy", "macro_f1"), strict=True):
+        for node, name in names.items():
+            pts = [
+                (r["round"], r["sites"][node][key])
+                for r in rounds
+                if node in r["sites"] and r["sites"][node][key] is not None
+            ]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set(xlabel="round", title=f"site validation {key.replace('_', '-')}", ylim=(0, 1))
+    axes[0].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_epsilon(rounds: list[dict[str, Any]], names: dict[str, str], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for node, name in names.items():
+        pts = [
+            (r["round"], r["sites"][node]["epsilon"])
+            for r in rounds
+            if node in r["sites"] and r["sites"][node]["epsilon"] is not None
+        ]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=f"{name} (record-level)")
+    central = [(r["round"], r["central_epsilon"]) for r in rounds if r.get("central_epsilon")]
+    if central:
+        ax.plot(*zip(*central, strict=True), "k--", marker="s", label="central (site-level)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="round", ylabel="cumulative ε", title="privacy spent")
+    if ax.lines:
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no DP in this run", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_confusion(confusion: list[list[int]], labels: list[str], path: Path) -> None:
+    cm = np.asarray(confusion)
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.2 * len(labels) + 1.5))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="black")
+    ax.set(xlabel="predicted", ylabel="true", title="held-out confusion (final model)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _markdown(summary: dict[str, Any], rounds: list[dict[str, Any]], names: dict[str, str]) -> str:
+    cfg, g, labels = summary["config"], summary["global"], summary["labels"]
+    central = summary.get("central_dp")
+    lines = [
+        "# Run report",
+        "",
+        f"{summary['rounds']} rounds, {len(names)} sites ({summary.get('engine', '?')}), "
+        f"model `{cfg['model.path']}` + LoRA r={cfg['lora.r']}, labels {', '.join(labels)}. "
+        f"Wall time {summary['wall_s']:.0f} s.",
+        "",
+        "## Privacy",
+        "",
+        (
+            f"- Record-level DP at each site (DP-SGD, {cfg['privacy.accountant']} accountant): "
+            f"max ε = {summary['max_epsilon']:.2f} at δ = {summary['delta']:g} "
+            f"(target ε = {cfg['privacy.epsilon']:g})."
+            if summary["max_epsilon"] is not None
+            else "- No record-level DP: the sites trained without noise."
+        ),
+        (
+            f"- Central DP ({central['mode']}, noise multiplier {central['noise_multiplier']:g}"
+            f", clip {central['clipping_norm']:.3g}): site-level ε = {central['epsilon']:.2f} "
+            f"at δ = {central['delta']:g} over {central['releases']} released rounds."
+            if central
+            else "- No central DP."
+        ),
+        "",
+        "## Rounds",
+        "",
+        "| round | wall s | accuracy | macro-F1 | loss | max site ε | central ε | sites used "
+        "| rejected | bytes received |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rounds:
+        lines.append(
+            f"| {r['round']} | {r['wall_s']:.1f} | {r['global']['accuracy']:.3f} "
+            f"| {r['global']['macro_f1']:.3f} | {r['global']['loss']:.3f} "
+            f"| {_fmt(r['max_epsilon'], 2)} | {_fmt(r.get('central_epsilon'), 2)} "
+            f"| {r.get('sites_used', '-')} | {r.get('rejected', '-')} "
+            f"| {r.get('bytes_received', '-')} |"
+        )
+    lines += [
+        "",
+        "![global](plots/global.png)",
+        "",
+        "## Sites",
+        "",
+        "| site | node | examples | val accuracy | val macro-F1 | ε | last round |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for node, name in names.items():
+        s = summary["sites"].get(node)
+        if s is None:
+            continue
+        lines.append(
+            f"| {name} | {node} | {s['examples']} | {_fmt(s['accuracy'])} "
+            f"| {_fmt(s['macro_f1'])} | {_fmt(s['epsilon'], 2)} | {s['last_round']} |"
+        )
+    lines += [
+        "",
+        "![sites](plots/sites.png)",
+        "",
+        "![epsilon](plots/epsilon.png)",
+        "",
+        "## Final model on the held-out set",
+        "",
+        f"Accuracy {g['accuracy']:.3f}, macro-F1 {g['macro_f1']:.3f}, loss {g['loss']:.3f}.",
+        "",
+        "| class | precision | recall | F1 | support |",
+        "|---|---|---|---|---|",
+    ]
+    for c in per_class(g["confusion"], labels):
+        lines.append(
+            f"| {c['label']} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} "
+            f"| {c['support']} |"
+        )
+    lines += [
+        "",
+        "![confusion](plots/confusion.png)",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in summary["versions"].items()) + ".",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``report.md`` and ``plots/*.png`` into ``run_dir``; returns the report's path."""
+    d = Path(run_dir)
+    summary, rounds = _read(d)
+    names = _site_names(rounds)
+    plots = d / PLOTS_DIR
+    plots.mkdir(exist_ok=True)
+    _plot_global(rounds, plots / "global.png")
+    _plot_sites(rounds, names, plots / "sites.png")
+    _plot_epsilon(rounds, names, plots / "epsilon.png")
+    _plot_confusion(summary["global"]["confusion"], summary["labels"], plots / "confusion.png")
+    report = d / REPORT_FILE
+    report.write_text(_markdown(summary, rounds, names))
+    return report

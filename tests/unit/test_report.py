@@ -1,0 +1,104 @@
+"""`report.md` and plots from a run directory's files (hand-built here: no federation)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import pytest
+
+from fedhaven.errors import FedhavenError
+from fedhaven.report import PLOTS, PLOTS_DIR, REPORT_FILE, per_class, write_report
+
+LABELS = ["negative", "neutral", "positive"]
+CONFUSION = [[3, 1, 0], [2, 2, 1], [0, 0, 5]]  # rows: truth, columns: prediction
+
+
+def _site(eps: float | None, acc: float) -> dict[str, object]:
+    return {"examples": 20, "epsilon": eps, "train_loss": 1.0, "val_examples": 5,
+            "accuracy": acc, "macro_f1": acc / 2}  # fmt: skip
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    rounds = [
+        {
+            "round": r,
+            "wall_s": 10.0 * r,
+            "global": {"loss": 1.5 - 0.1 * r, "accuracy": 0.4 + 0.1 * r,
+                       "macro_f1": 0.3 + 0.05 * r, "per_class_f1": [0.1, 0.2, 0.3]},
+            "max_epsilon": 2.0 * r,
+            "central_epsilon": None,
+            "bytes_sent": 100, "bytes_received": 200, "sites_used": 2, "rejected": 0,
+            "sites": {"900": _site(2.0 * r, 0.5), "17": _site(1.5 * r, 0.6)},
+        }
+        for r in (1, 2, 3)
+    ]  # fmt: skip
+    summary = {
+        "rounds": 3,
+        "labels": LABELS,
+        "global": {"accuracy": 0.7, "macro_f1": 0.45, "loss": 1.2,
+                   "per_class_f1": [0.1, 0.2, 0.3], "confusion": CONFUSION},
+        "sites": {n: {"examples": 20, "epsilon": e, "accuracy": 0.5, "macro_f1": 0.25,
+                      "last_round": 3} for n, e in (("900", 6.0), ("17", 4.5))},
+        "max_epsilon": 6.0, "delta": 1e-5, "central_dp": None, "wall_s": 31.0,
+        "config": {"model.path": "bundled", "lora.r": 8, "privacy.accountant": "rdp",
+                   "privacy.epsilon": 8.0},
+        "versions": {"flwr": "1.42.0"}, "engine": "simulation",
+    }  # fmt: skip
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rounds) + "\n")
+    return tmp_path
+
+
+def test_per_class_precision_recall_from_the_confusion_matrix() -> None:
+    rows = per_class(CONFUSION, LABELS)
+    # neutral: 2 right of 5 true (recall 2/5), of 3 predicted (precision 2/3)
+    assert rows[1]["precision"] == pytest.approx(2 / 3)
+    assert rows[1]["recall"] == pytest.approx(2 / 5)
+    assert rows[1]["f1"] == pytest.approx(2 * (2 / 3) * (2 / 5) / (2 / 3 + 2 / 5))
+    assert [r["support"] for r in rows] == [4, 5, 5]
+    assert rows[2]["precision"] == pytest.approx(5 / 6) and rows[2]["recall"] == 1.0
+
+
+def test_report_lists_every_round_and_writes_valid_pngs(run_dir: Path) -> None:
+    report = write_report(run_dir)
+    assert report == run_dir / REPORT_FILE
+    text = report.read_text()
+    for r in (1, 2, 3):
+        acc, f1 = 0.4 + 0.1 * r, 0.3 + 0.05 * r
+        assert f"| {r} | {10.0 * r:.1f} | {acc:.3f} | {f1:.3f} |" in text
+    assert "max ε = 6.00 at δ = 1e-05" in text
+    # sites are numbered by node id, small first
+    assert "| site 1 | 17 |" in text and "| site 2 | 900 |" in text
+    assert "| neutral | 0.667 | 0.400 |" in text
+    for name in PLOTS:
+        png = run_dir / PLOTS_DIR / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert mpimg.imread(png).ndim == 3  # decodes as an image
+        assert f"({PLOTS_DIR}/{name})" in text
+
+
+def test_report_of_a_run_without_dp_says_so(run_dir: Path) -> None:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["max_epsilon"] = summary["delta"] = None
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    assert "No record-level DP" in write_report(run_dir).read_text()
+
+
+def test_a_directory_that_is_not_a_run_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(FedhavenError, match=r"has no summary\.json"):
+        write_report(tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "fedhaven.cli", "report", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"error: run directory '{tmp_path / 'nope'}' not found: pass a run directory"
+    ]
