@@ -289,6 +289,90 @@ def audit(
     )
 
 
+@app.command()
+def tune(
+    trials: Annotated[int, typer.Option(help="trials to run now (added to the study's)")],
+    out: Annotated[
+        Path, typer.Option(help="where trial runs (trial-<n>/) and best.toml go")
+    ] = Path("runs/tune"),
+    storage: Annotated[
+        Path | None, typer.Option(help="the study's SQLite file (default OUT/study.db)")
+    ] = None,
+    study: Annotated[str, typer.Option(help="study name; the same name resumes it")] = "fedhaven",
+    config: Annotated[Path | None, typer.Option(help="TOML file of run-config keys")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="any run-config KEY=VALUE")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seed of the sampler (train.seed is a --set key)")] = 0,
+    verbose: Annotated[bool, typer.Option(help="show Optuna's, Flower's and Ray's logs")] = False,
+) -> None:
+    """Search learning rates, LoRA rank, local steps and clip norm at a fixed ε (Optuna).
+
+    Each trial is a simulated federation; the score is the sites' validation macro-F1 in the
+    last round (never the held-out set). Writes OUT/best.toml for `simulate --config`.
+    """
+    from fedhaven.config import from_flat, load_toml
+
+    if trials < 1:
+        raise FedhavenError(f"--trials {trials} runs nothing: give at least 1")
+    flat = {**(load_toml(config) if config else {}), **_parse_set(set_ or [])}
+    from_flat(flat)  # validate before the heavy imports and anything else starts
+    from fedhaven.tune import tune as run
+
+    if not verbose:
+        from transformers.utils import logging as hf_logging
+
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+        hf_logging.disable_progress_bar()
+        warnings.filterwarnings("ignore")
+
+    def progress(row: dict[str, Any]) -> None:
+        params = "  ".join(f"{k} {v:.3g}" for k, v in row["params"].items())
+        score = _fmt(row["value"]) if row["state"] == "COMPLETE" else row["state"].lower()
+        console.print(
+            f"trial {row['number']:>3}  val macro-F1 {score}  {params}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+    result = run(
+        flat,
+        trials,
+        out=out,
+        storage=storage,
+        study_name=study,
+        seed=seed,
+        progress=progress,
+        verbose=verbose,
+    )
+    keys = list(dict.fromkeys(k for row in result["history"] for k in row["params"]))
+    table = Table(title=f"study {result['study']} ({result['storage']})")
+    # short headers keep the table within 80 columns
+    short = {
+        "train.learning-rate": "lr",
+        "train.lora-learning-rate": "LoRA lr",
+        "lora.r": "r",
+        "train.local-steps": "steps",
+        "privacy.max-grad-norm": "clip",
+    }
+    for col in ("trial", "val F1", "test F1", *(short.get(k, k) for k in keys)):
+        table.add_column(col, justify="right")
+    for row in result["history"]:
+        table.add_row(
+            str(row["number"]),
+            _fmt(row["value"]) if row["state"] == "COMPLETE" else row["state"].lower(),
+            _fmt(row["test_macro_f1"]),
+            *(f"{row['params'][k]:.3g}" if k in row["params"] else "-" for k in keys),
+        )
+    console.print(table)
+    console.print(
+        f"best val macro-F1 {result['best_value']:.3f} of {result['trials']} complete trials "
+        f"→ {result['best_config_path']}  (fedhaven simulate --config FILE)",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
