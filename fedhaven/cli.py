@@ -222,6 +222,41 @@ def ledger_show(
     )
 
 
+certs_app = typer.Typer(no_args_is_help=True, help="TLS certificates and site keys.")
+app.add_typer(certs_app, name="certs")
+
+
+@certs_app.command("init")
+def certs_init(
+    directory: Annotated[Path, typer.Argument(help="where the coordinator keeps its PKI")],
+    san: Annotated[
+        list[str] | None,
+        typer.Option(help="a DNS name or IP the coordinator is reached at (repeatable)"),
+    ] = None,
+    days: Annotated[int, typer.Option(help="validity of the certificates")] = 365,
+    force: Annotated[bool, typer.Option(help="replace existing keys and certificates")] = False,
+) -> None:
+    """A CA and the coordinator's TLS certificate (default SANs: localhost, 127.0.0.1)."""
+    from fedhaven.deploy.certs import init_ca
+
+    sans = tuple(san) if san else ("localhost", "127.0.0.1")
+    for role, path in init_ca(directory, sans=sans, days=days, force=force).items():
+        console.print(f"{role:12} {path}", highlight=False, soft_wrap=True)
+
+
+@certs_app.command("site")
+def certs_site(
+    name: Annotated[str, typer.Argument(help="the site's name: letters, digits, - and _")],
+    directory: Annotated[Path, typer.Argument(help="where the site keeps its key")],
+    force: Annotated[bool, typer.Option(help="replace an existing key pair")] = False,
+) -> None:
+    """A site's SuperNode authentication key pair: NAME.key stays, NAME.pub is registered."""
+    from fedhaven.deploy.certs import site_keys
+
+    for role, path in site_keys(name, directory, force=force).items():
+        console.print(f"{role:12} {path}", highlight=False, soft_wrap=True)
+
+
 @app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="a run directory")],

@@ -1,0 +1,1 @@
+"""Deployment helpers: the files a real SuperLink and its SuperNodes need."""
