@@ -22,6 +22,11 @@ BUNDLED = "bundled"
 Scalar = str | int | float | bool
 #: privacy.central choices ("where clipping happens"-"how the bound is set").
 CENTRAL_DP = ("off", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
+#: federation.strategy choices: the aggregation rule (fedhaven.strategies, one file each).
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "trimmedavg", "krum")
+#: Rules whose server side is the plain average that central DP's sensitivity bound assumes
+#: (FedProx changes only the sites' local objective).
+CENTRAL_DP_STRATEGIES = ("fedavg", "fedprox")
 
 
 def _require(ok: bool, key: str, value: Any, fix: str) -> None:
@@ -247,6 +252,24 @@ class FederationConfig:
     fraction_evaluate: float = 1.0
     min_sites: int = 2
     out_dir: str = ""  # the run directory; "" = runs/<timestamp>
+    # The aggregation rule: fedavg | fedprox | fedadam | fedyogi (server optimizers) |
+    # fedmedian | trimmedavg | krum (robust to a minority of hostile sites).
+    strategy: str = "fedavg"
+    # fedprox: μ of the proximal term μ/2·‖w − w_global‖² each site adds to its local loss.
+    proximal_mu: float = 0.01
+    # fedadam / fedyogi: the server optimizer's step size η. Their step moves each coordinate
+    # by about η per round whatever the size of the averaged update (m/√v ≈ its sign), so η
+    # must be on the scale of one round's change of a LoRA weight: a few AdamW steps at
+    # train.lora-learning-rate (1e-3) each, i.e. ~1e-2. Flower's FedAdam default (0.1) would
+    # move every adapter weight 10-100× further than the sites themselves did.
+    server_learning_rate: float = 0.01
+    # trimmedavg: the fraction of updates cut at each end, per coordinate, before averaging.
+    trim_beta: float = 0.2
+    # krum: the number of hostile sites f to tolerate (Krum is sound for sites > 2f + 2).
+    krum_byzantine: int = 1
+    # > 0: clip each site's update (reply − the adapter sent) to this L2 norm before the
+    # rule sees it, so no single site can move the model further than that. 0 = off.
+    update_norm_bound: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.rounds >= 1, "federation.rounds", self.rounds, "must be >= 1")
@@ -264,6 +287,37 @@ class FederationConfig:
             "must be in [0, 1]",
         )
         _require(self.min_sites >= 1, "federation.min-sites", self.min_sites, "must be >= 1")
+        _require(
+            self.strategy in STRATEGIES,
+            "federation.strategy",
+            self.strategy,
+            f"use one of {', '.join(STRATEGIES)}",
+        )
+        _require(self.proximal_mu >= 0, "federation.proximal-mu", self.proximal_mu, "must be >= 0")
+        _require(
+            self.server_learning_rate > 0,
+            "federation.server-learning-rate",
+            self.server_learning_rate,
+            "must be > 0",
+        )
+        _require(
+            0.0 <= self.trim_beta < 0.5,
+            "federation.trim-beta",
+            self.trim_beta,
+            "must be in [0, 0.5)",
+        )
+        _require(
+            self.krum_byzantine >= 0,
+            "federation.krum-byzantine",
+            self.krum_byzantine,
+            "must be >= 0",
+        )
+        _require(
+            self.update_norm_bound >= 0,
+            "federation.update-norm-bound",
+            self.update_norm_bound,
+            "must be >= 0 (0 turns it off)",
+        )
 
 
 @dataclass(frozen=True)
@@ -274,6 +328,26 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     data: DataConfig = field(default_factory=DataConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+
+    def __post_init__(self) -> None:
+        central, fed = self.privacy.central, self.federation
+        if central == "off":
+            return
+        _require(
+            fed.strategy in CENTRAL_DP_STRATEGIES,
+            "federation.strategy",
+            fed.strategy,
+            f"privacy.central = {central!r} calibrates its noise to the plain average of "
+            f"clipped updates: use {' or '.join(CENTRAL_DP_STRATEGIES)}, or privacy.central = "
+            "'off'",
+        )
+        _require(
+            fed.update_norm_bound == 0,
+            "federation.update-norm-bound",
+            fed.update_norm_bound,
+            f"privacy.central = {central!r} already clips each update to privacy.central-clip:"
+            " set it to 0",
+        )
 
     def to_flat(self) -> dict[str, Scalar]:
         """The flat form Flower's run-config uses (inverse of :func:`from_flat`)."""

@@ -23,6 +23,9 @@ METRICS = "metrics"
 SERVER_ROUND = "server-round"  # injected by Flower's strategies
 CLIPPING_NORM = KEY_CLIPPING_NORM  # central DP, client-side clipping: the bound (Flower's key)
 ADAPTIVE_CLIPPING = "adaptive-clipping"  # ... and whether to report the norm bit as well
+# FedProx: μ of the proximal term the site adds to its local objective. Flower's FedProx
+# writes this key itself (a literal in flwr/serverapp/strategy/fedprox.py).
+PROXIMAL_MU = "proximal-mu"
 
 # Metric keys a site may send. NUM_EXAMPLES weights FedAvg.
 NUM_EXAMPLES = "num-examples"

@@ -133,7 +133,9 @@ def handle_train(
     train, _ = site_data(cfg, node)
     model = _global_model(cfg, msg)
     state = context.state.get(PRIVACY_STATE) or ConfigRecord()
-    server_round = int(msg.content[protocol.CONFIG].get(protocol.SERVER_ROUND, 1))
+    config = msg.content[protocol.CONFIG]
+    server_round = int(config.get(protocol.SERVER_ROUND, 1))
+    proximal_mu = float(config.get(protocol.PROXIMAL_MU, 0.0))  # FedProx sends it
     ledger = Ledger(str(node[STATE_DIR])) if STATE_DIR in node else None
     history = ledger.history() if ledger is not None else None  # read the file once
     if EPSILON_BUDGET in node:  # before any training: a refused round touches nothing
@@ -156,6 +158,7 @@ def handle_train(
         server_round=server_round,
         accountant_state=accountant_state,
         label_prior=json.loads(str(state[LABEL_PRIOR])) if LABEL_PRIOR in state else None,
+        proximal_mu=proximal_mu,
     )
     if ledger is not None and result.releases:
         # On the site's disk before the update can leave it.

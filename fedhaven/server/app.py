@@ -1,6 +1,7 @@
-"""The coordinator's Flower ServerApp: FedAvg over the adapter, server-side evaluation on
-the held-out set each round, federated evaluation on the sites' validation splits, and at
-the end the run directory: ``adapter/`` (PEFT format), ``metrics.jsonl``, ``summary.json``.
+"""The coordinator's Flower ServerApp: the configured aggregation rule over the adapter,
+server-side evaluation on the held-out set each round, federated evaluation on the sites'
+validation splits, and at the end the run directory: ``adapter/`` (PEFT format),
+``metrics.jsonl``, ``summary.json``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from fedhaven.models import (
     save_trained,
     set_adapter_state,
 )
-from fedhaven.strategies import FedAvg, central_dp
+from fedhaven.strategies import STRATEGIES, Validated, central_dp
 from fedhaven.training import default_device, evaluate
 
 log = logging.getLogger(__name__)
@@ -47,20 +48,46 @@ def run_dir(cfg: Config) -> Path:
     return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def build_strategy(cfg: Config) -> FedAvg:
+def build_strategy(cfg: Config) -> Validated:
+    """The rule ``federation.strategy`` names, with its knobs from ``cfg.federation``."""
     fed = cfg.federation
     central = cfg.privacy.central != "off"
-    return FedAvg(
+    knobs: dict[str, dict[str, Any]] = {
+        "fedprox": {"proximal_mu": fed.proximal_mu},
+        "fedadam": {"eta": fed.server_learning_rate},
+        "fedyogi": {"eta": fed.server_learning_rate},
+        "trimmedavg": {"beta": fed.trim_beta},
+        "krum": {"num_malicious_nodes": fed.krum_byzantine},
+    }
+    per_round = central_dp.num_sampled(cfg)
+    if fed.strategy == "krum" and per_round <= 2 * fed.krum_byzantine + 2:
+        log.warning(
+            "krum is sound for %d hostile sites (federation.krum-byzantine) only with more "
+            "than %d sites per round: it gets %d",
+            fed.krum_byzantine,
+            2 * fed.krum_byzantine + 2,
+            per_round,
+        )
+    if fed.strategy == "trimmedavg" and int(fed.trim_beta * per_round) == 0:
+        log.warning(
+            "trimmedavg cuts nothing with %d sites per round and federation.trim-beta = %g: "
+            "it is the plain mean",
+            per_round,
+            fed.trim_beta,
+        )
+    return STRATEGIES[fed.strategy](
         weighted_by_key=protocol.SITE_WEIGHT if central else protocol.NUM_EXAMPLES,
         fraction_train=fed.fraction_train,
         fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=min(fed.min_sites, fed.sites),
         min_evaluate_nodes=min(fed.min_sites, fed.sites) if fed.fraction_evaluate else 0,
         min_available_nodes=min(fed.min_sites, fed.sites),
+        update_norm_bound=fed.update_norm_bound,
+        **knobs.get(fed.strategy, {}),
     )
 
 
-def _site_rows(strategy: FedAvg, server_round: int) -> dict[str, dict[str, Any]]:
+def _site_rows(strategy: Validated, server_round: int) -> dict[str, dict[str, Any]]:
     rows = {}
     for node, kinds in sorted(strategy.site_metrics.get(server_round, {}).items()):
         train, ev = kinds.get(MessageType.TRAIN, {}), kinds.get(MessageType.EVALUATE, {})

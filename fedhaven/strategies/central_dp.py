@@ -1,5 +1,5 @@
-"""Central (site-level) DP: Flower's clipping wrappers around our FedAvg, and Flower's RDP
-accountant for the site-level (ε, δ) of the released models.
+"""Central (site-level) DP: Flower's clipping wrappers around our FedAvg (or FedProx), and
+Flower's RDP accountant for the site-level (ε, δ) of the released models.
 
 Which guarantee each option gives:
 
@@ -40,7 +40,7 @@ from flwr.supercore.privacy_accounting import (
 
 from fedhaven import protocol
 from fedhaven.config import Config
-from fedhaven.strategies.fedavg import FedAvg
+from fedhaven.strategies.base import Validated
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class _Accounted:
     of the configured multiplier (Andrew et al., 2021, which Flower's wrappers implement).
     """
 
-    strategy: FedAvg
+    strategy: Validated
     num_sampled_clients: int
     # not ``accountant``: Flower's fixed wrappers would compose into that one as well
     central_accountant: RdpAccountant
@@ -115,7 +115,7 @@ def num_sampled(cfg: Config) -> int:
     return max(int(fed.sites * fed.fraction_train), min(fed.min_sites, fed.sites))
 
 
-def wrap(base: FedAvg, cfg: Config) -> tuple[Strategy, RdpAccountant | None]:
+def wrap(base: Validated, cfg: Config) -> tuple[Strategy, RdpAccountant | None]:
     """``base`` under ``privacy.central``, and the accountant of the released rounds."""
     p = cfg.privacy
     if p.central == "off":

@@ -132,3 +132,25 @@ def test_overrides_win_over_the_run_config(tiny_cfg: Config) -> None:
         instruction(tiny_cfg.replace(**{"privacy.enabled": False})), context, overrides
     )
     assert out.content[protocol.METRICS][protocol.STEPS] == 1
+
+
+@pytest.mark.parametrize(("sent", "used"), [(0.25, 0.25), (None, 0.0)])
+def test_the_site_trains_with_the_proximal_mu_fedprox_sends(
+    tiny_cfg: Config, sent: float | None, used: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedhaven.client import app as client_app
+
+    seen: list[float] = []
+
+    def spy(*args: Any, proximal_mu: float = 0.0, **kwargs: Any) -> Any:
+        seen.append(proximal_mu)
+        return train_round(*args, proximal_mu=proximal_mu, **kwargs)
+
+    train_round = client_app.train_round
+    monkeypatch.setattr(client_app, "train_round", spy)
+    cfg = tiny_cfg.replace(**{"privacy.enabled": False, "train.local-steps": 1})
+    msg = instruction(cfg)
+    if sent is not None:
+        msg.content[protocol.CONFIG][protocol.PROXIMAL_MU] = sent
+    assert not handle_train(msg, site_context(), cfg.to_flat()).has_error()
+    assert seen == [used]

@@ -100,6 +100,15 @@ def test_weighted_mean_by_num_examples() -> None:
             ),
             id="extra-record",
         ),
+        pytest.param(
+            lambda: reply(33, {"w": W1 * float("nan")}, num_examples=5), id="non-finite-tensor"
+        ),
+        pytest.param(lambda: reply(33, {"w": W1}, num_examples=0), id="zero-examples"),
+        pytest.param(lambda: reply(33, {"w": W1}, num_examples=-5), id="negative-examples"),
+        # allowed, but unlike the other sites' metrics: Flower's FedAvg would end the run
+        pytest.param(
+            lambda: reply(33, {"w": W1}, num_examples=5, train_loss=0.1), id="odd-metric-keys"
+        ),
     ],
 )
 def test_bad_reply_is_rejected_and_the_round_goes_on(bad: object) -> None:

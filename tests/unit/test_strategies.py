@@ -1,0 +1,268 @@
+"""The named rules (federation.strategy): each is Flower's strategy plus fedhaven's validation
+and bookkeeping; robust rules withstand a hostile site; the server optimizers step the right
+way; bad settings are user errors naming the key."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import strategy as flower
+from test_fedavg import FakeGrid, reply
+
+from fedhaven import config as fconfig
+from fedhaven import protocol
+from fedhaven.config import Config
+from fedhaven.errors import FedhavenError
+from fedhaven.server.app import build_strategy
+from fedhaven.strategies import STRATEGIES, FedAdam, FedYogi, Validated, central_dp
+from fedhaven.strategies.norm_bound import bound_update
+
+pytestmark = pytest.mark.usefixtures("flower_identity")
+
+FLOWER = {
+    "fedavg": flower.FedAvg,
+    "fedprox": flower.FedProx,
+    "fedadam": flower.FedAdam,
+    "fedyogi": flower.FedYogi,
+    "fedmedian": flower.FedMedian,
+    "trimmedavg": flower.FedTrimmedAvg,
+    "krum": flower.Krum,
+}
+
+
+def _cfg(strategy: str = "fedavg", sites: int = 6, **flat: object) -> Config:
+    return Config().replace(**{"federation.strategy": strategy, "federation.sites": sites, **flat})
+
+
+def _configure(strategy: Validated, sent: dict[str, np.ndarray], nodes: list[int]) -> list[Message]:
+    record = ArrayRecord({k: torch.from_numpy(v) for k, v in sent.items()})
+    return list(strategy.configure_train(1, record, ConfigRecord(), FakeGrid(nodes)))
+
+
+def _site(node: int, arrays: dict[str, np.ndarray], examples: int = 10) -> Message:
+    tensors = {
+        k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in arrays.items()
+    }
+    return reply(node, tensors, num_examples=examples, train_loss=0.5)
+
+
+def _aggregate(strategy: Validated, server_round: int, replies: list[Message]):
+    arrays, _ = strategy.aggregate_train(server_round, replies)
+    assert arrays is not None
+    return {k: a.numpy() for k, a in arrays.items()}
+
+
+def test_every_config_name_has_a_rule() -> None:
+    assert set(STRATEGIES) == set(fconfig.STRATEGIES) == set(FLOWER)
+
+
+@pytest.mark.parametrize("name", list(FLOWER))
+def test_build_strategy_builds_flowers_rule_with_the_mixin(name: str) -> None:
+    cfg = _cfg(
+        name,
+        **{
+            "federation.proximal-mu": 0.05,
+            "federation.server-learning-rate": 0.02,
+            "federation.trim-beta": 0.3,
+            "federation.krum-byzantine": 2,
+            "federation.update-norm-bound": 2.5,
+            "federation.min-sites": 3,
+        },
+    )
+    strategy = build_strategy(cfg)
+    assert isinstance(strategy, FLOWER[name]) and isinstance(strategy, Validated)
+    assert type(strategy) is STRATEGIES[name]
+    assert strategy.update_norm_bound == 2.5
+    assert strategy.weighted_by_key == protocol.NUM_EXAMPLES
+    assert strategy.min_train_nodes == strategy.min_available_nodes == 3
+    assert strategy.arrayrecord_key == protocol.ARRAYS
+    knob = {
+        "fedprox": ("proximal_mu", 0.05),
+        "fedadam": ("eta", 0.02),
+        "fedyogi": ("eta", 0.02),
+        "trimmedavg": ("beta", 0.3),
+        "krum": ("num_malicious_nodes", 2),
+    }.get(name)
+    if knob:
+        assert getattr(strategy, knob[0]) == knob[1]
+
+
+@pytest.mark.parametrize("name", list(FLOWER))
+def test_every_rule_drops_a_malformed_reply_and_keeps_round_stats(name: str) -> None:
+    strategy = build_strategy(_cfg(name, sites=4))
+    sent = {"w": np.zeros((2, 2), np.float32)}
+    _configure(strategy, sent, [1, 2, 3, 4])
+    good = [_site(n, {"w": np.full((2, 2), 0.1 * n)}) for n in (1, 2, 3)]
+    bad = reply(4, {"w": torch.ones(3, 2)}, num_examples=10, train_loss=0.5)  # wrong shape
+    new = _aggregate(strategy, 1, [good[0], bad, *good[1:]])
+    assert new["w"].shape == (2, 2) and np.isfinite(new["w"]).all()
+    one = protocol.record_nbytes(ArrayRecord({"w": torch.zeros(2, 2)}))
+    assert strategy.round_stats[1] == {
+        "bytes_sent": 4 * one,
+        "bytes_received": 3 * one,
+        "sites_used": 3,
+        "rejected": 1,
+    }
+    assert set(strategy.site_metrics[1]) == {1, 2, 3}
+
+
+# --- robustness: five honest sites, one sending its update ×100 --------------------------
+
+RNG = np.random.default_rng(0)
+SENT = {"a": RNG.normal(size=(4, 4)).astype(np.float32), "b": RNG.normal(size=3).astype(np.float32)}
+DIRECTION = {k: RNG.uniform(0.5, 1.5, size=v.shape).astype(np.float32) for k, v in SENT.items()}
+HONEST = [  # small updates close to each other: 0.1 × direction, ±0.005 per coordinate
+    {k: 0.1 * d + RNG.uniform(-0.005, 0.005, size=d.shape) for k, d in DIRECTION.items()}
+    for _ in range(5)
+]
+HOSTILE = {k: 100 * v for k, v in HONEST[0].items()}
+CLEAN = {k: SENT[k] + np.mean([u[k] for u in HONEST], axis=0) for k in SENT}  # by hand
+CLEAN_NORM = max(np.sqrt(sum(float((u[k] ** 2).sum()) for k in u)) for u in HONEST)
+
+
+def _attacked_round(strategy: Validated) -> dict[str, np.ndarray]:
+    _configure(strategy, SENT, list(range(1, 7)))
+    updates = [*HONEST, HOSTILE]
+    replies = [_site(i + 1, {k: SENT[k] + u[k] for k in SENT}) for i, u in enumerate(updates)]
+    return _aggregate(strategy, 1, replies)
+
+
+def _distance(arrays: dict[str, np.ndarray]) -> float:
+    return max(float(np.abs(arrays[k] - CLEAN[k]).max()) for k in CLEAN)
+
+
+@pytest.mark.parametrize(
+    ("name", "flat"),
+    [
+        ("fedmedian", {}),
+        ("trimmedavg", {}),  # β = 0.2 of 6 sites: one cut at each end
+        ("krum", {}),  # f = 1
+        ("fedavg", {"federation.update-norm-bound": 1.2 * CLEAN_NORM}),
+    ],
+    ids=["fedmedian", "trimmedavg", "krum", "fedavg+norm-bound"],
+)
+def test_robust_rules_stay_near_the_clean_aggregate(name: str, flat: dict[str, float]) -> None:
+    # the honest updates differ by at most 0.01 per coordinate; the hostile one by ~10
+    assert _distance(_attacked_round(build_strategy(_cfg(name, **flat)))) < 0.02
+
+
+def test_plain_fedavg_is_dragged_far_off_by_the_hostile_site() -> None:
+    assert _distance(_attacked_round(build_strategy(_cfg("fedavg")))) > 1.0
+
+
+def test_bound_update_clips_only_long_updates_and_keeps_their_direction() -> None:
+    sent = {"w": np.array([1.0, 1.0], np.float32)}
+    short, norm = bound_update({"w": np.array([1.3, 1.4], np.float32)}, sent, bound=1.0)
+    np.testing.assert_allclose(short["w"], [1.3, 1.4], rtol=1e-6)
+    assert norm == pytest.approx(0.5)
+    long, norm = bound_update({"w": np.array([4.0, 5.0], np.float32)}, sent, bound=1.0)
+    np.testing.assert_allclose(long["w"], [1.6, 1.8], rtol=1e-6)  # (3, 4) / 5
+    assert norm == pytest.approx(5.0) and long["w"].dtype == np.float32
+    same, norm = bound_update(sent, sent, bound=1.0)  # a zero update stays zero
+    np.testing.assert_array_equal(same["w"], sent["w"])
+    assert norm == 0.0
+
+
+def test_norm_bound_needs_the_arrays_sent() -> None:
+    strategy = build_strategy(_cfg("fedavg", **{"federation.update-norm-bound": 1.0}))
+    with pytest.raises(RuntimeError, match="configure_train"):
+        strategy.aggregate_train(1, [_site(1, {"w": np.ones(2)})])
+
+
+# --- server optimizers -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
+def test_server_optimizer_steps_toward_the_mean_update(name: str) -> None:
+    eta = 0.01
+    strategy = build_strategy(_cfg(name, sites=2, **{"federation.server-learning-rate": eta}))
+    sent = {"w": np.array([[1.0, -1.0], [0.5, 0.0]], np.float32)}
+    _configure(strategy, sent, [1, 2])
+    deltas = [np.array([[0.4, -0.2], [0.0, 0.3]]), np.array([[0.2, -0.4], [-0.2, 0.1]])]
+    new = _aggregate(
+        strategy, 1, [_site(i + 1, {"w": sent["w"] + d}) for i, d in enumerate(deltas)]
+    )
+    mean = np.mean(deltas, axis=0)  # [[0.3, -0.3], [-0.1, 0.2]]
+    assert new["w"].dtype == np.float32  # not Flower's float64: twice the bytes
+    step = new["w"] - sent["w"]
+    np.testing.assert_array_equal(np.sign(step), np.sign(mean))
+    # an adaptive step: about η per coordinate, whatever the update's size (not the average)
+    assert np.all(np.abs(step) <= eta * 1.0001) and np.all(np.abs(step) > eta / 10)
+
+
+@pytest.mark.parametrize("cls", [FedAdam, FedYogi])
+def test_server_optimizer_state_round_trips(cls: type[FedAdam] | type[FedYogi]) -> None:
+    def round_of(strategy: Validated, server_round: int, sent: dict[str, np.ndarray]):
+        record = ArrayRecord({k: torch.from_numpy(v) for k, v in sent.items()})
+        list(strategy.configure_train(server_round, record, ConfigRecord(), FakeGrid([1, 2])))
+        replies = [_site(1, {"w": sent["w"] + 0.3}), _site(2, {"w": sent["w"] - 0.1})]
+        return _aggregate(strategy, server_round, replies)
+
+    first = cls(min_train_nodes=2, min_available_nodes=2)
+    assert first.state_dict() == {"m_t": None, "v_t": None}
+    after_1 = round_of(first, 1, {"w": np.zeros(3, np.float32)})
+    state = first.state_dict()
+    assert set(state) == {"m_t", "v_t"} and state["m_t"] is not None
+    resumed = cls(min_train_nodes=2, min_available_nodes=2)
+    resumed.load_state_dict(state)
+    state["m_t"]["w"][:] = 99.0  # type: ignore[index]  # the strategy keeps its own copy
+    second = round_of(first, 2, after_1)["w"]
+    np.testing.assert_array_equal(round_of(resumed, 2, after_1)["w"], second)
+    # without the moments, round 2 would have gone elsewhere
+    fresh = round_of(cls(min_train_nodes=2, min_available_nodes=2), 2, after_1)["w"]
+    assert not np.allclose(fresh, second)
+
+
+# --- FedProx ----------------------------------------------------------------------------
+
+
+def test_fedprox_sends_mu_under_the_key_the_sites_read() -> None:
+    strategy = build_strategy(_cfg("fedprox", sites=2, **{"federation.proximal-mu": 0.05}))
+    msgs = _configure(strategy, {"w": np.zeros(2, np.float32)}, [1, 2])
+    assert all(m.content[protocol.CONFIG][protocol.PROXIMAL_MU] == 0.05 for m in msgs)
+
+
+def test_fedprox_works_under_central_dp() -> None:
+    # its aggregate is the plain average, which central DP's sensitivity bound assumes
+    cfg = _cfg("fedprox", sites=2, **{"privacy.central": "client-fixed"})
+    strategy, accountant = central_dp.wrap(build_strategy(cfg), cfg)
+    assert accountant is not None
+    record = ArrayRecord({"w": torch.zeros(2)})
+    msgs = list(strategy.configure_train(1, record, ConfigRecord(), FakeGrid([1, 2])))
+    config = msgs[0].content[protocol.CONFIG]
+    assert config[protocol.PROXIMAL_MU] == cfg.federation.proximal_mu
+    assert protocol.CLIPPING_NORM in config
+
+
+# --- configuration ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("federation.strategy", "fedsgd"),
+        ("federation.proximal-mu", -0.1),
+        ("federation.server-learning-rate", 0.0),
+        ("federation.trim-beta", 0.5),
+        ("federation.trim-beta", -0.1),
+        ("federation.krum-byzantine", -1),
+        ("federation.update-norm-bound", -1.0),
+    ],
+)
+def test_bad_strategy_settings_name_the_key(key: str, value: object) -> None:
+    with pytest.raises(FedhavenError, match=f"config '{key}'"):
+        Config().replace(**{key: value})
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedmedian", "trimmedavg", "krum"])
+def test_central_dp_with_another_rule_names_both_keys(name: str) -> None:
+    with pytest.raises(FedhavenError, match=r"'federation\.strategy'.*privacy\.central") as e:
+        _cfg(name, **{"privacy.central": "server-fixed"})
+    assert "\n" not in str(e.value)
+
+
+def test_central_dp_with_norm_bounding_is_refused() -> None:
+    with pytest.raises(FedhavenError, match=r"'federation\.update-norm-bound'.*privacy\.central"):
+        _cfg("fedavg", **{"privacy.central": "server-fixed", "federation.update-norm-bound": 1.0})
