@@ -25,7 +25,8 @@ from fedhaven import data as fdata
 from fedhaven.config import from_flat
 from fedhaven.errors import FedhavenError
 from fedhaven.models import load_tokenizer, load_trained
-from fedhaven.server.app import ADAPTER_DIR, SIMULATION, SUMMARY_FILE
+from fedhaven.report import ADAPTER_DIR, SUMMARY_FILE
+from fedhaven.server.app import SIMULATION
 from fedhaven.training import default_device
 
 
@@ -137,7 +138,7 @@ def audit(
     sites = fdata.simulated_sites(full, cfg.data, num_sites, cfg.train.seed)
     members = sites[site][0]
     test = fdata.load(cfg.data.test_path, cfg.data, split="test")
-    columns = ["text", fdata.LABEL]  # what tokenize reads; the sources' other columns differ
+    columns = [fdata.TEXT, fdata.LABEL]  # what tokenize reads; the sources' other columns differ
     non_members = concatenate_datasets(
         [ds.select_columns(columns) for ds in [*(val for _, val in sites), test]]
     )

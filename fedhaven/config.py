@@ -270,9 +270,16 @@ class FederationConfig:
     # > 0: clip each site's update (reply − the adapter sent) to this L2 norm before the
     # rule sees it, so no single site can move the model further than that. 0 = off.
     update_norm_bound: float = 0.0
+    # > 0: stop when the sites' validation macro-F1 (example-weighted) has not improved by
+    # more than min-delta for this many rounds, and export the best round's adapter. Under
+    # DP the rounds not run are budget not spent. 0 = run every round, export the last.
+    patience: int = 0
+    min_delta: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.rounds >= 1, "federation.rounds", self.rounds, "must be >= 1")
+        _require(self.patience >= 0, "federation.patience", self.patience, "must be >= 0")
+        _require(self.min_delta >= 0, "federation.min-delta", self.min_delta, "must be >= 0")
         _require(self.sites >= 1, "federation.sites", self.sites, "must be >= 1")
         _require(
             0.0 < self.fraction_train <= 1.0,

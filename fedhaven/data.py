@@ -6,8 +6,10 @@ The label set comes from the run config, so every site maps labels to the same i
 
 from __future__ import annotations
 
+import hashlib
 import html
 import importlib.util
+import json
 import logging
 import zipfile
 from pathlib import Path
@@ -24,6 +26,7 @@ from fedhaven.errors import FedhavenError
 
 log = logging.getLogger(__name__)
 
+TEXT = "text"  # cleaned text column after prepare
 LABEL = "label"  # integer label column after encoding
 
 disable_progress_bars()  # one line per round is the CLI's job
@@ -116,7 +119,7 @@ def prepare(ds: Dataset, cfg: DataConfig, *, source: str = "data") -> Dataset:
     empty = text.str.len() == 0
     if empty.any():
         log.warning("%s: dropped %d rows with empty text", source, int(empty.sum()))
-    df = df.loc[~empty].assign(text=text[~empty])
+    df = df.loc[~empty].assign(**{TEXT: text[~empty]})
     if df.empty:
         raise FedhavenError(f"{source}: every row has empty text in column '{cfg.text_column}'")
     label_ids = {name: i for i, name in enumerate(cfg.label_names)}
@@ -199,13 +202,24 @@ def simulated_sites(
     ]
 
 
+def fingerprint(*parts: Dataset) -> int:
+    """48 bits of the SHA-256 of a site's rows (text and label, in order): computed at the
+    site for the model card, so a site can later show which data a model saw — without the
+    content leaving it."""
+    h = hashlib.sha256()
+    for ds in parts:
+        for text, label in zip(ds[TEXT], ds[LABEL], strict=True):
+            h.update(json.dumps([text, label]).encode())
+    return int(h.hexdigest()[:12], 16)
+
+
 def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> TensorDataset:
     """Fixed-length tensors: ``(input_ids, attention_mask, label)``.
 
     Fixed padding keeps Opacus's Poisson loader simple (empty batches have a known shape).
     """
     enc = tokenizer(
-        list(ds["text"]),
+        list(ds[TEXT]),
         truncation=True,
         max_length=max_length,
         padding="max_length",

@@ -42,9 +42,23 @@ SITE_WEIGHT = "site-weight"
 # Central DP with client-side adaptive clipping: was the update within the bound? (Flower's
 # key; the coordinator adds noise to the count of these bits.)
 NORM_BIT = KEY_NORM_BIT
+# For the model card: the site's row count (train + validation) and 48 bits of a hash of its
+# rows, computed at the site (fedhaven.data.fingerprint).
+DATA_ROWS = "data-rows"
+DATA_FINGERPRINT = "data-fingerprint"
 
 TRAIN_METRICS = frozenset(
-    {NUM_EXAMPLES, TRAIN_LOSS, EPSILON, NOISE_MULTIPLIER, STEPS, SITE_WEIGHT, NORM_BIT}
+    {
+        NUM_EXAMPLES,
+        TRAIN_LOSS,
+        EPSILON,
+        NOISE_MULTIPLIER,
+        STEPS,
+        SITE_WEIGHT,
+        NORM_BIT,
+        DATA_ROWS,
+        DATA_FINGERPRINT,
+    }
 )
 EVALUATE_METRICS = frozenset({NUM_EXAMPLES, LOSS, ACCURACY, MACRO_F1})
 

@@ -223,6 +223,79 @@ def _markdown(summary: dict[str, Any], rounds: list[dict[str, Any]], names: dict
     return "\n".join(lines)
 
 
+MODEL_CARD_FILE = "model_card.md"
+
+
+def model_card(summary: dict[str, Any]) -> str:
+    """The adapter's model card, from the run's summary: what was trained, on what (counts
+    and fingerprints the sites computed, never content), at what privacy cost, how well."""
+    cfg, g, labels = summary["config"], summary["global"], summary["labels"]
+    central = summary.get("central_dp")
+    sites = summary["sites"]
+    names = {node: f"site {i}" for i, node in enumerate(sorted(sites, key=int), start=1)}
+    lines = [
+        "# Model card",
+        "",
+        "## Model",
+        "",
+        f"- Base model: `{cfg['model.path']}`; task: text classification into "
+        f"{', '.join(labels)} ({cfg['model.pooling']} pooling + linear head).",
+        f"- Adapter: LoRA r={cfg['lora.r']}, alpha={cfg['lora.alpha']}, dropout "
+        f"{cfg['lora.dropout']}, on `{cfg['lora.target-modules']}` of layers "
+        f"`{cfg['lora.layers'] or 'all'}`; trained in full: `{cfg['lora.modules-to-save']}`.",
+        f"- Training: federated, strategy `{cfg.get('federation.strategy', 'fedavg')}`, "
+        f"{summary['rounds']} rounds (best round: {summary.get('best_round', summary['rounds'])}"
+        f"), {len(sites)} sites, {summary.get('engine', '?')}.",
+        "",
+        "## Data (counts and fingerprints computed at each site; no content left a site)",
+        "",
+        "| site | training rows | rows in all | data fingerprint |",
+        "|---|---|---|---|",
+    ]
+    for node, name in names.items():
+        s = sites[node]
+        fp = s.get("fingerprint")
+        lines.append(
+            f"| {name} | {s['examples']} | {s.get('rows', '-')} "
+            f"| {'-' if fp is None else f'{int(fp):012x}'} |"
+        )
+    lines += ["", "## Privacy", ""]
+    if summary["max_epsilon"] is not None:
+        lines += [
+            f"- Record-level differential privacy at each site: DP-SGD (Opacus, Gaussian "
+            f"mechanism, per-example clipping at {cfg['privacy.max-grad-norm']}, Poisson "
+            f"sampling), {cfg['privacy.accountant'].upper()} accountant over each site's "
+            f"whole history. δ = {summary['delta']:g}.",
+            "",
+            "| site | ε spent (cumulative, this and earlier runs on its ledger) |",
+            "|---|---|",
+            *(f"| {names[n]} | {_fmt(sites[n]['epsilon'], 2)} |" for n in names),
+        ]
+    else:
+        lines.append("- No record-level differential privacy: the sites trained without noise.")
+    if central:
+        lines.append("")
+        lines.append(
+            f"- Site-level central DP ({central['mode']}): ε = {central['epsilon']:.2f} at "
+            f"δ = {central['delta']:g} over {central['releases']} releases (Flower's RDP "
+            "accountant)."
+        )
+    lines += [
+        "",
+        "## Evaluation (held-out set, final model)",
+        "",
+        f"Accuracy {g['accuracy']:.3f}, macro-F1 {g['macro_f1']:.3f}; per class F1: "
+        + ", ".join(f"{n} {f:.2f}" for n, f in zip(labels, g["per_class_f1"], strict=True))
+        + ".",
+        "",
+        "## Software",
+        "",
+        ", ".join(f"{k} {v}" for k, v in summary["versions"].items()) + ".",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write ``report.md`` and ``plots/*.png`` into ``run_dir``; returns the report's path."""
     d = Path(run_dir)
@@ -236,4 +309,6 @@ def write_report(run_dir: str | Path) -> Path:
     _plot_confusion(summary["global"]["confusion"], summary["labels"], plots / "confusion.png")
     report = d / REPORT_FILE
     report.write_text(_markdown(summary, rounds, names))
+    if (d / ADAPTER_DIR).is_dir():
+        (d / ADAPTER_DIR / MODEL_CARD_FILE).write_text(model_card(summary))
     return report

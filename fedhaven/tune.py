@@ -27,7 +27,8 @@ from optuna.trial import TrialState
 
 from fedhaven.config import Config, Scalar, from_flat
 from fedhaven.errors import FedhavenError
-from fedhaven.server.app import METRICS_FILE
+from fedhaven.report import METRICS_FILE
+from fedhaven.server.app import validation_macro_f1 as round_validation_macro_f1
 from fedhaven.simulations import preflight, simulate
 
 log = logging.getLogger(__name__)
@@ -71,15 +72,7 @@ def validation_macro_f1(run_dir: Path) -> float | None:
     lines = path.read_text().splitlines() if path.is_file() else []
     if not lines:
         return None
-    rows = [
-        s
-        for s in json.loads(lines[-1])["sites"].values()
-        if s.get("macro_f1") is not None and s.get("val_examples", 0) > 0
-    ]
-    total = sum(s["val_examples"] for s in rows)
-    if not total:
-        return None
-    return sum(s["macro_f1"] * s["val_examples"] for s in rows) / total
+    return round_validation_macro_f1(json.loads(lines[-1])["sites"])
 
 
 def _canonical(base: Mapping[str, Any]) -> dict[str, Scalar]:

@@ -62,7 +62,7 @@ def node_settings(context: Context, sites: SiteSettings | None = None) -> dict[s
 
 
 @functools.lru_cache(maxsize=8)
-def _site_data(cfg: Config, node_key: tuple[Any, ...]) -> tuple[TensorDataset, TensorDataset]:
+def _site_data(cfg: Config, node_key: tuple[Any, ...]) -> tuple[TensorDataset, TensorDataset, int]:
     # Cached per process: a Ray actor serves many rounds of the same sites.
     kind, value, num = node_key
     if kind == DATA_PATH:
@@ -75,15 +75,25 @@ def _site_data(cfg: Config, node_key: tuple[Any, ...]) -> tuple[TensorDataset, T
     return (
         fdata.tokenize(train, tok, cfg.model.max_length),
         fdata.tokenize(val, tok, cfg.model.max_length),
+        fdata.fingerprint(train, val),
     )
 
 
-def site_data(cfg: Config, node: Mapping[str, Any]) -> tuple[TensorDataset, TensorDataset]:
+def _node_key(node: Mapping[str, Any]) -> tuple[Any, ...]:
     if DATA_PATH in node:
-        key: tuple[Any, ...] = (DATA_PATH, str(node[DATA_PATH]), 1)
-    else:
-        key = (PARTITION_ID, int(node[PARTITION_ID]), int(node[NUM_PARTITIONS]))
-    return _site_data(cfg, key)
+        return (DATA_PATH, str(node[DATA_PATH]), 1)
+    return (PARTITION_ID, int(node[PARTITION_ID]), int(node[NUM_PARTITIONS]))
+
+
+def site_data(cfg: Config, node: Mapping[str, Any]) -> tuple[TensorDataset, TensorDataset]:
+    """The site's (train, validation) rows, tokenized."""
+    train, val, _ = _site_data(cfg, _node_key(node))
+    return train, val
+
+
+def site_fingerprint(cfg: Config, node: Mapping[str, Any]) -> int:
+    """48 bits of a hash of the site's rows (see :func:`fedhaven.data.fingerprint`)."""
+    return _site_data(cfg, _node_key(node))[2]
 
 
 def _global_model(cfg: Config, msg: Message):
@@ -130,7 +140,7 @@ def handle_train(
 ) -> Message:
     cfg = site_config(context, overrides)
     node = node_settings(context, sites)
-    train, _ = site_data(cfg, node)
+    train, val = site_data(cfg, node)
     model = _global_model(cfg, msg)
     state = context.state.get(PRIVACY_STATE) or ConfigRecord()
     config = msg.content[protocol.CONFIG]
@@ -183,6 +193,8 @@ def handle_train(
         protocol.TRAIN_LOSS: result.loss,
         protocol.STEPS: result.steps,
         protocol.SITE_WEIGHT: 1.0,
+        protocol.DATA_ROWS: len(train) + len(val),
+        protocol.DATA_FINGERPRINT: site_fingerprint(cfg, node),
     }
     if result.epsilon is not None:
         metrics[protocol.EPSILON] = result.epsilon

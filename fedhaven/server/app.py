@@ -29,6 +29,7 @@ from fedhaven.models import (
     save_trained,
     set_adapter_state,
 )
+from fedhaven.report import ADAPTER_DIR, METRICS_FILE, SUMMARY_FILE, write_report
 from fedhaven.strategies import STRATEGIES, Validated, central_dp
 from fedhaven.training import default_device, evaluate
 
@@ -36,8 +37,6 @@ log = logging.getLogger(__name__)
 
 #: Called after each round with that round's line of metrics.jsonl (the CLI prints progress).
 ProgressFn = Callable[[dict[str, Any]], None]
-#: The run directory's files.
-ADAPTER_DIR, METRICS_FILE, SUMMARY_FILE = "adapter", "metrics.jsonl", "summary.json"
 #: How the sites ran, recorded in ``summary.json`` as ``engine``.
 SIMULATION, DEPLOYMENT = "simulation", "deployment"
 
@@ -98,8 +97,41 @@ def _site_rows(strategy: Validated, server_round: int) -> dict[str, dict[str, An
             "val_examples": int(ev.get(protocol.NUM_EXAMPLES, 0)),
             "accuracy": ev.get(protocol.ACCURACY),
             "macro_f1": ev.get(protocol.MACRO_F1),
+            "rows": train.get(protocol.DATA_ROWS),
+            "fingerprint": train.get(protocol.DATA_FINGERPRINT),
         }
     return rows
+
+
+def validation_macro_f1(sites: Mapping[str, Mapping[str, Any]]) -> float | None:
+    """The sites' validation macro-F1 of one round, weighted by their validation examples
+    (``None`` if no site reported one): what early stopping and ``fedhaven tune`` watch —
+    never the held-out test set."""
+    rows = [s for s in sites.values() if s["macro_f1"] is not None and s["val_examples"] > 0]
+    total = sum(s["val_examples"] for s in rows)
+    return sum(s["macro_f1"] * s["val_examples"] for s in rows) / total if total else None
+
+
+class EarlyStopping:
+    """Stop after ``patience`` rounds without an improvement of more than ``min_delta``."""
+
+    def __init__(self, patience: int, min_delta: float = 0.0) -> None:
+        self.patience, self.min_delta = patience, min_delta
+        self.best: float | None = None
+        self.best_round = 0
+        self._since = 0
+
+    def update(self, server_round: int, value: float | None) -> bool:
+        """Record a round's metric; ``True`` when the run should stop now."""
+        if value is not None and (self.best is None or value > self.best + self.min_delta):
+            self.best, self.best_round, self._since = value, server_round, 0
+            return False
+        self._since += 1
+        return self._since >= self.patience
+
+
+class _Stop(Exception):
+    """Raised from the per-round evaluation to end Flower's round loop early."""
 
 
 def run_server(
@@ -131,6 +163,9 @@ def run_server(
 
     history: list[dict[str, Any]] = []
     final_eval: dict[str, Any] = {}
+    patience = cfg.federation.patience
+    stopper = EarlyStopping(patience, cfg.federation.min_delta)
+    best: dict[str, Any] = {}  # with patience: the best round's arrays and evaluation
     metrics_file = (out / METRICS_FILE).open("w")
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -141,10 +176,12 @@ def run_server(
         final_eval.update(ev)
         sites = _site_rows(base, server_round)
         eps = [s["epsilon"] for s in sites.values() if s["epsilon"] is not None]
+        validation = validation_macro_f1(sites)
         line = {
             "round": server_round,
             "wall_s": round(time.perf_counter() - t0, 2),
             "global": {k: ev[k] for k in ("loss", "accuracy", "macro_f1", "per_class_f1")},
+            "validation_macro_f1": validation,
             "max_epsilon": max(eps, default=None),
             "central_epsilon": central_epsilon(),
             **base.round_stats.get(server_round, {}),
@@ -155,6 +192,19 @@ def run_server(
         metrics_file.flush()
         if progress:
             progress(line)
+        if patience:
+            stop = stopper.update(server_round, validation)
+            if stopper.best_round == server_round:
+                best.update(arrays=arrays, eval=dict(ev))
+            if stop:
+                log.warning(
+                    "early stopping after round %d: the sites' validation macro-F1 has not "
+                    "improved for %d rounds (best: round %d)",
+                    server_round,
+                    patience,
+                    stopper.best_round,
+                )
+                raise _Stop
         return MetricRecord(
             {
                 protocol.ACCURACY: ev["accuracy"],
@@ -163,21 +213,27 @@ def run_server(
             }
         )
 
+    stopped_early = False
     try:
-        result = strategy.start(
+        final = strategy.start(
             grid=grid,
             initial_arrays=initial,
             num_rounds=cfg.federation.rounds,
             train_config=ConfigRecord(),
             evaluate_config=ConfigRecord(),
             evaluate_fn=evaluate_global,
-        )
+        ).arrays
+    except _Stop:
+        stopped_early, final = True, ArrayRecord()
     finally:
         metrics_file.close()
 
-    if len(result.arrays) == 0:  # no round aggregated anything: every site failed
+    if best:  # early stopping on: the best round's model is the run's model
+        final = best["arrays"]
+        final_eval.update(best["eval"])
+    if len(final) == 0:  # no round aggregated anything: every site failed
         log.warning("no site update was accepted in any round: saving the initial adapter")
-    final = result.arrays if len(result.arrays) else initial
+        final = initial
     set_adapter_state(model, protocol.from_record(final))
     save_trained(model, cfg, out / ADAPTER_DIR)
 
@@ -189,11 +245,15 @@ def run_server(
                 "epsilon": row["epsilon"],
                 "accuracy": row["accuracy"],
                 "macro_f1": row["macro_f1"],
+                "rows": row["rows"],
+                "fingerprint": row["fingerprint"],
                 "last_round": line["round"],
             }
     site_eps = [s["epsilon"] for s in sites.values() if s["epsilon"] is not None]
     summary = {
         "rounds": len(history),
+        "best_round": stopper.best_round if best else len(history),
+        "stopped_early": stopped_early,
         "labels": labels,
         "global": {
             k: final_eval[k] for k in ("accuracy", "macro_f1", "loss", "per_class_f1", "confusion")
@@ -221,6 +281,7 @@ def run_server(
         "engine": engine,
     }
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    write_report(out)  # report.md, plots/ and the adapter's model card
     return summary
 
 

@@ -21,7 +21,8 @@ from fedhaven.client.app import DELTA, EPSILON_BUDGET, STATE_DIR, SiteSettings
 from fedhaven.config import Config, from_flat
 from fedhaven.errors import FedhavenError
 from fedhaven.models import resolve_model_path
-from fedhaven.server.app import SIMULATION, SUMMARY_FILE, ProgressFn
+from fedhaven.report import SUMMARY_FILE
+from fedhaven.server.app import SIMULATION, ProgressFn
 
 #: Offline by design: no telemetry, no hub, no runtime dependency installs.
 OFFLINE_ENV = {

@@ -152,3 +152,21 @@ def test_every_simulated_site_keeps_its_own_ledger(run: dict[str, Any]) -> None:
     assert [[e["round"] for e in entries] for entries in ledgers] == [[1, 2], [1, 2]]
     # what each site reported is what its ledger says it spent
     assert sorted(entries[-1]["epsilon"] for entries in ledgers) == pytest.approx(reported)
+
+
+def test_the_run_writes_its_report_and_model_card(run: dict[str, Any]) -> None:
+    out: Path = run["out"]
+    report = (out / "report.md").read_text()
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        assert f"| {r['round']} | {r['wall_s']:.1f} | {r['global']['accuracy']:.3f} |" in report
+    for png in ("global", "sites", "epsilon", "confusion"):
+        assert (out / "plots" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
+    card = (out / "adapter" / "model_card.md").read_text()
+    # each site's fingerprint and row count, computed at the site, match its rows
+    cfg: Config = run["cfg"]
+    full = fdata.load(cfg.data.path, cfg.data)
+    for train, val in fdata.simulated_sites(full, cfg.data, 2, cfg.train.seed):
+        fp = fdata.fingerprint(train, val)
+        assert f"| {len(train)} | {len(train) + len(val)} | {fp:012x} |" in card
+    assert "DP-SGD" in card and "δ = 1e-05" in card

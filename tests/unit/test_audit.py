@@ -83,7 +83,7 @@ def test_members_are_the_rows_the_client_app_trained_on(run: Path) -> None:
     full = fdata.load(cfg.data.path, cfg.data)
     train, _ = fdata.simulated_sites(full, cfg.data, cfg.federation.sites, cfg.train.seed)[1]
     tokenized = fdata.tokenize(train, load_tokenizer(cfg.model.path), cfg.model.max_length)
-    client_train, _ = _site_data(cfg, (PARTITION_ID, 1, cfg.federation.sites))
+    client_train, _, _ = _site_data(cfg, (PARTITION_ID, 1, cfg.federation.sites))
     for ours, theirs in zip(tokenized.tensors, client_train.tensors, strict=True):
         assert ours.equal(theirs)
 
