@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import confusion_matrix, f1_score
 from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.hooks import RemovableHandle
 
 from fedhaven.config import Config
 from fedhaven.privacy import label_prior as private_label_prior
@@ -95,6 +96,29 @@ def round_releases(
     return [*(prior if release_prior else []), (sigma, rate, steps)]
 
 
+def _add_proximal_gradient(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, mu: float
+) -> RemovableHandle:
+    """FedProx: from now on each step of ``optimizer`` adds μ·(w − w_global) to the gradient
+    of every trainable weight (w_global: its value now, the global model's).
+
+    It is the gradient of μ/2·‖w − w_global‖², added as a gradient, not as a loss term:
+    under DP, Opacus builds ``p.grad`` from the per-sample gradients and would drop a term
+    that depends on the weights alone. The hook runs on the inner optimizer's step, so
+    under DP it comes after clipping and noise: the term is data-independent and needs
+    neither. Returns the hook's handle.
+    """
+    anchors = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
+
+    def hook(*_: Any) -> None:
+        with torch.no_grad():
+            for p, w0 in anchors:
+                if p.grad is not None:  # no gradient: the optimizer leaves p as it is
+                    p.grad.add_(p - w0, alpha=mu)
+
+    return optimizer.register_step_pre_hook(hook)
+
+
 def _noise_only_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
     for p in model.parameters():
@@ -114,11 +138,14 @@ def train_round(
     label_prior: list[float] | None = None,
     noise_multiplier: float | None = None,
     poisson_sampling: bool = True,
+    proximal_mu: float = 0.0,
 ) -> RoundResult:
     """One round of local training (DP-SGD when ``cfg.privacy.enabled``), in place.
 
     ``accountant_state`` and ``label_prior`` come from the site's previous round (the
     result carries them): the label histogram is released once per run, not once per round.
+    ``proximal_mu`` > 0 adds FedProx's proximal term μ/2·‖w − w_start‖² over the trainable
+    weights (w_start: the weights this round starts from, the global model's).
     """
     device = next(model.parameters()).device
     steps = steps_per_round(len(data), cfg)
@@ -143,6 +170,8 @@ def train_round(
         data, batch_size=min(cfg.train.batch_size, len(data)), shuffle=True, generator=generator
     )
     optimizer = _optimizer(model, cfg, lr_factor(server_round, cfg))
+    if proximal_mu:  # on the inner optimizer, before Opacus wraps it
+        _add_proximal_gradient(model, optimizer, proximal_mu)
     private = None
     if cfg.privacy.enabled:
         private = make_private(
