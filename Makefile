@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) bench/dp_overhead.py
 	$(PY) bench/demo.py
 	$(PY) bench/privacy_audit.py
+	$(PY) bench/federation_overhead.py
 
 clean:
 	rm -rf $(VENV) runs
