@@ -20,13 +20,23 @@ from fedhaven.errors import FedhavenError
 BUNDLED = "bundled"
 
 Scalar = str | int | float | bool
+
+# A site's own settings: Flower node-config keys, never run-config keys. Set by the site's
+# operator (`fedhaven site`), or in a simulation by Flower (partition-id, num-partitions) and
+# the harness (the rest). Here, not in the ClientApp, so the site launcher needs no torch.
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+DATA_PATH = "data-path"
+STATE_DIR = "state-dir"  # the site's own directory: its privacy ledger lives there
+EPSILON_BUDGET = "epsilon-budget"  # the site's own ε limit over its whole ledger
+DELTA = "delta"  # the site's own δ for that limit
 #: privacy.central choices ("where clipping happens"-"how the bound is set").
 CENTRAL_DP = ("off", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
 #: federation.strategy choices: the aggregation rule (fedhaven.strategies, one file each).
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "trimmedavg", "krum")
+STRATEGIES = ("fedavg", "ffa", "fedprox", "fedadam", "fedyogi", "fedmedian", "trimmedavg", "krum")
 #: Rules whose server side is the plain average that central DP's sensitivity bound assumes
 #: (FedProx changes only the sites' local objective).
-CENTRAL_DP_STRATEGIES = ("fedavg", "fedprox")
+CENTRAL_DP_STRATEGIES = ("fedavg", "ffa", "fedprox")
 
 
 def _require(ok: bool, key: str, value: Any, fix: str) -> None:
@@ -252,8 +262,9 @@ class FederationConfig:
     fraction_evaluate: float = 1.0
     min_sites: int = 2
     out_dir: str = ""  # the run directory; "" = runs/<timestamp>
-    # The aggregation rule: fedavg | fedprox | fedadam | fedyogi (server optimizers) |
-    # fedmedian | trimmedavg | krum (robust to a minority of hostile sites).
+    # The aggregation rule: fedavg | ffa (LoRA's A frozen: exact, half the bytes) | fedprox |
+    # fedadam | fedyogi (server optimizers) | fedmedian | trimmedavg | krum (robust to a
+    # minority of hostile sites).
     strategy: str = "fedavg"
     # fedprox: μ of the proximal term μ/2·‖w − w_global‖² each site adds to its local loss.
     proximal_mu: float = 0.01

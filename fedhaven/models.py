@@ -29,6 +29,8 @@ from fedhaven.errors import FedhavenError
 from fedhaven.hf_mean_pooling import MeanPoolingForSequenceClassification, mean_pool
 
 AdapterState = dict[str, torch.Tensor]
+#: In the names of PEFT's LoRA A matrices (frozen by the "ffa" rule).
+LORA_A = ".lora_A."
 
 
 def resolve_model_path(path: str) -> Path:
@@ -131,6 +133,12 @@ def _cached_peft_model(cfg: Config, device: str) -> PeftModel:
         raise FedhavenError(
             f"LoRA could not be applied ({e}): check lora.target-modules / lora.modules-to-save"
         ) from e
+    if cfg.federation.strategy == "ffa":
+        # FFA-LoRA: A stays at the seeded init above, identical at every site; only B and the
+        # head train (and are sent), which makes FedAvg of B the exact aggregate.
+        for name, p in model.named_parameters():
+            if LORA_A in name:
+                p.requires_grad_(False)
     # The modules_to_save copies start in eval mode; Opacus then sees no activations.
     model.train()
     return model

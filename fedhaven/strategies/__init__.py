@@ -8,12 +8,14 @@ from fedhaven.strategies.fedavg import FedAvg
 from fedhaven.strategies.fedmedian import FedMedian
 from fedhaven.strategies.fedprox import FedProx
 from fedhaven.strategies.fedyogi import FedYogi
+from fedhaven.strategies.ffa import FFA
 from fedhaven.strategies.krum import Krum
 from fedhaven.strategies.trimmedavg import TrimmedAvg
 
 #: federation.strategy -> the rule (the names are fedhaven.config.STRATEGIES)
 STRATEGIES: dict[str, type[Validated]] = {
     "fedavg": FedAvg,
+    "ffa": FFA,
     "fedprox": FedProx,
     "fedadam": FedAdam,
     "fedyogi": FedYogi,
@@ -23,6 +25,7 @@ STRATEGIES: dict[str, type[Validated]] = {
 }
 
 __all__ = [
+    "FFA",
     "STRATEGIES",
     "FedAdam",
     "FedAvg",

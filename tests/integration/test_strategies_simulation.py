@@ -4,7 +4,8 @@ through Flower's simulation engine, and report each round's sites and bytes.
 One simulation takes ~40 s on 2 cores, so only rules whose code paths differ run here:
 fedprox (DP on: the proximal term's path under Opacus, and the key it sends), fedadam (server
 optimizer state across rounds), fedmedian with norm bounding (Flower pops the arrays from the
-replies; the bound needs the arrays sent), krum (selects one site's update). Left out, as they
+replies; the bound needs the arrays sent), krum (selects one site's update), ffa under DP
+(LoRA's A frozen at every site: half the tensors on the wire). Left out, as they
 share a path with one of these (each is covered by tests/unit/test_strategies.py): fedavg
 (tests/integration/test_simulation.py runs it), fedyogi (fedadam's), trimmedavg (fedmedian's).
 """
@@ -23,11 +24,12 @@ pytestmark = pytest.mark.slow
     ("name", "flat"),
     [
         ("fedprox", {"privacy.enabled": True}),
+        ("ffa", {"privacy.enabled": True}),
         ("fedadam", {}),
         ("fedmedian", {"federation.update-norm-bound": 0.5}),
         ("krum", {"federation.krum-byzantine": 0}),
     ],
-    ids=["fedprox-dp", "fedadam", "fedmedian-norm-bound", "krum"],
+    ids=["fedprox-dp", "ffa-dp", "fedadam", "fedmedian-norm-bound", "krum"],
 )
 def test_rule_runs_a_simulation(
     name: str, flat: dict[str, object], tmp_path: Path, tiny_flat: dict[str, object]
