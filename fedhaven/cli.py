@@ -257,6 +257,72 @@ def certs_site(
         console.print(f"{role:12} {path}", highlight=False, soft_wrap=True)
 
 
+@app.command("coordinator")
+def coordinator_cmd(
+    state: Annotated[
+        Path, typer.Option(help="the coordinator's state: SuperLink database, flwr connection")
+    ],
+    certs: Annotated[
+        Path | None, typer.Option(help="the PKI from `fedhaven certs init DIR`")
+    ] = None,
+    sites: Annotated[
+        Path | None, typer.Option(help="directory of the sites' NAME.pub keys to register")
+    ] = None,
+    host: Annotated[str, typer.Option(help="address the SuperLink listens on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="the SuperLink's one HTTPS port")] = 9093,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="no TLS, no node authentication: tests only")
+    ] = False,
+) -> None:
+    """Run the coordinator's Flower SuperLink (TLS, site authentication) until Ctrl-C.
+
+    Registers the sites' keys and prints the `flwr run` line that starts a federation.
+    """
+    from fedhaven.deploy.coordinator import serve
+
+    serve(certs=certs, state=state, sites=sites, host=host, port=port, insecure=insecure)
+
+
+@app.command("site")
+def site_cmd(
+    coordinator: Annotated[str, typer.Option(help="the coordinator's HOST:PORT")],
+    data: Annotated[Path, typer.Option(help="this site's labeled data: csv, jsonl or parquet")],
+    state: Annotated[Path, typer.Option(help="this site's state directory (privacy ledger)")],
+    certs: Annotated[
+        Path | None, typer.Option(help="the coordinator's ca.crt, or the directory holding it")
+    ] = None,
+    key: Annotated[
+        Path | None, typer.Option(help="this site's NAME.key from `fedhaven certs site`")
+    ] = None,
+    epsilon_budget: Annotated[
+        float | None, typer.Option(help="this site's ε limit over all its runs")
+    ] = None,
+    delta: Annotated[float | None, typer.Option(help="this site's δ for that limit")] = None,
+    port: Annotated[int, typer.Option(help="the SuperNode's local Runtime API port")] = 9094,
+    max_wait: Annotated[
+        float, typer.Option(help="seconds to keep retrying an unreachable coordinator")
+    ] = 120.0,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="no TLS, no node authentication: tests only")
+    ] = False,
+) -> None:
+    """Run this site's Flower SuperNode with fedhaven's ClientApp until Ctrl-C."""
+    from fedhaven.deploy.site import serve
+
+    serve(
+        coordinator=coordinator,
+        certs=certs,
+        key=key,
+        data=data,
+        state=state,
+        epsilon_budget=epsilon_budget,
+        delta=delta,
+        port=port,
+        max_wait_s=max_wait,
+        insecure=insecure,
+    )
+
+
 @app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="a run directory")],

@@ -25,19 +25,21 @@ from torch.utils.data import TensorDataset
 from fedhaven import data as fdata
 from fedhaven import protocol
 from fedhaven.client.mods import allowlist_mod, central_clipping_mod
-from fedhaven.config import Config, from_flat
+from fedhaven.config import (
+    DATA_PATH,
+    DELTA,
+    EPSILON_BUDGET,
+    NUM_PARTITIONS,
+    PARTITION_ID,
+    STATE_DIR,
+    Config,
+    from_flat,
+)
 from fedhaven.errors import FedhavenError
 from fedhaven.models import adapter_state, build_model, load_tokenizer, set_adapter_state
 from fedhaven.privacy import Ledger, Release, epsilon_of
 from fedhaven.training import default_device, evaluate, round_releases, train_round
 
-# Node-config keys (set by Flower's simulation engine, or by the site operator).
-PARTITION_ID = "partition-id"
-NUM_PARTITIONS = "num-partitions"
-DATA_PATH = "data-path"
-STATE_DIR = "state-dir"  # the site's own directory: its privacy ledger lives there
-EPSILON_BUDGET = "epsilon-budget"  # the site's own ε limit over its whole ledger
-DELTA = "delta"  # the site's own δ for that limit
 #: A simulated site's own node settings by partition id (the harness stands in for operators).
 SiteSettings = Mapping[int, Mapping[str, Any]]
 # context.state record holding this site's accountant history across rounds.

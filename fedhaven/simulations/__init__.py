@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from fedhaven import data as fdata
-from fedhaven.client.app import DELTA, EPSILON_BUDGET, STATE_DIR, SiteSettings
-from fedhaven.config import Config, from_flat
+from fedhaven.client.app import SiteSettings
+from fedhaven.config import DELTA, EPSILON_BUDGET, STATE_DIR, Config, from_flat
 from fedhaven.errors import FedhavenError
 from fedhaven.models import resolve_model_path
 from fedhaven.report import SUMMARY_FILE
