@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) bench/demo.py
 	$(PY) bench/privacy_audit.py
 	$(PY) bench/federation_overhead.py
+	$(PY) bench/communication.py
 
 clean:
 	rm -rf $(VENV) runs
