@@ -124,6 +124,9 @@ def simulate(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="any run-config KEY=VALUE")
     ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue the run in --out from its last round")
+    ] = False,
     verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's logs")] = False,
 ) -> None:
     """Run N simulated sites on this machine with Flower's simulation engine."""
@@ -144,6 +147,7 @@ def simulate(
         "lora.r": lora_r,
         "train.seed": seed,
         "federation.out-dir": str(out) if out else None,
+        "federation.resume": True if resume else None,
     }
     flat = {**(load_toml(config) if config else {}), **_parse_set(set_ or [])}
     flat |= {k: v for k, v in flags.items() if v is not None}

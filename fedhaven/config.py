@@ -286,9 +286,27 @@ class FederationConfig:
     # DP the rounds not run are budget not spent. 0 = run every round, export the last.
     patience: int = 0
     min_delta: float = 0.0
+    # Seconds each phase of a round (train, then evaluate) waits for the sites' replies; a
+    # site that has not answered by then is left out of that round (Flower's default: 3600).
+    round_timeout: float = 600.0
+    # Go on from the checkpoint in out-dir (written after every round) instead of starting
+    # over: the run config must be the checkpoint's (resume, round-timeout and out-dir aside).
+    resume: bool = False
 
     def __post_init__(self) -> None:
         _require(self.rounds >= 1, "federation.rounds", self.rounds, "must be >= 1")
+        _require(
+            self.round_timeout > 0,
+            "federation.round-timeout",
+            self.round_timeout,
+            "must be > 0 seconds",
+        )
+        _require(
+            not self.resume or bool(self.out_dir),
+            "federation.resume",
+            self.resume,
+            "set federation.out-dir to the directory of the run to resume",
+        )
         _require(self.patience >= 0, "federation.patience", self.patience, "must be >= 0")
         _require(self.min_delta >= 0, "federation.min-delta", self.min_delta, "must be >= 0")
         _require(self.sites >= 1, "federation.sites", self.sites, "must be >= 1")

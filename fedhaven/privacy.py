@@ -170,7 +170,8 @@ class Ledger:
     One JSON line per round: run id, round, steps, sample rate, noise multiplier, δ, the
     Gaussian releases the round made (accountant history entries) and ε after the round over
     the site's whole history — every round of every run, across restarts. Appended and
-    fsync'ed before the update leaves the site. Never rewritten.
+    fsync'ed before the update leaves the site. Never rewritten (only the torn
+    fragment of a write a crash interrupted is dropped: that update never left).
     """
 
     def __init__(self, state_dir: str | Path) -> None:
@@ -225,8 +226,14 @@ class Ledger:
 
     def append(self, entry: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(json.dumps(entry) + "\n")
+        with self.path.open("a+b") as f:
+            f.seek(0)
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                # A crash tore the last entry before its fsync returned, so its update never
+                # left the site: drop the fragment (entries() already ignores it).
+                f.truncate(data.rfind(b"\n") + 1)
+            f.write((json.dumps(entry) + "\n").encode())
             f.flush()
             os.fsync(f.fileno())
 

@@ -7,6 +7,11 @@ the ClientApp by the harness, per partition, never through the coordinator's run
 The privacy accountant's history comes from the site's ledger when the node config names a
 ``state-dir`` (cumulative over runs and restarts), else from the node's ``context.state``
 (cumulative over the rounds of a run).
+
+With a ``state-dir`` the site also keeps its own audit log there
+(:data:`fedhaven.auditlog.AUDIT_FILE`): one ``sent`` event per training update (run, round,
+tensor count and bytes, metric names, ε after the round) and one ``refused`` event per round
+its budget refused, each on disk before the reply leaves, like the ledger's entry. Never data.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import functools
 import json
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Error, Message
@@ -22,8 +28,9 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 from torch.utils.data import TensorDataset
 
+from fedhaven import auditlog, protocol
 from fedhaven import data as fdata
-from fedhaven import protocol
+from fedhaven.auditlog import AuditLog
 from fedhaven.client.mods import allowlist_mod, central_clipping_mod
 from fedhaven.config import (
     DATA_PATH,
@@ -98,6 +105,11 @@ def site_fingerprint(cfg: Config, node: Mapping[str, Any]) -> int:
     return _site_data(cfg, _node_key(node))[2]
 
 
+def site_audit_log(node: Mapping[str, Any]) -> AuditLog | None:
+    """The site's own audit log, in its state dir (``None`` without one)."""
+    return AuditLog(Path(str(node[STATE_DIR])) / auditlog.AUDIT_FILE) if STATE_DIR in node else None
+
+
 def _global_model(cfg: Config, msg: Message):
     model = build_model(cfg, default_device())
     set_adapter_state(model, protocol.from_record(msg.content[protocol.ARRAYS]))
@@ -149,6 +161,7 @@ def handle_train(
     server_round = int(config.get(protocol.SERVER_ROUND, 1))
     proximal_mu = float(config.get(protocol.PROXIMAL_MU, 0.0))  # FedProx sends it
     ledger = Ledger(str(node[STATE_DIR])) if STATE_DIR in node else None
+    audit = site_audit_log(node)
     history = ledger.history() if ledger is not None else None  # read the file once
     if EPSILON_BUDGET in node:  # before any training: a refused round touches nothing
         try:
@@ -156,6 +169,10 @@ def handle_train(
         except FedhavenError as e:
             # A deliberate answer, not a crash: an error reply naming spent and allowed ε.
             log.warning("round %d refused: %s", server_round, e)
+            if audit is not None:
+                audit.record(
+                    auditlog.REFUSED, run_id=context.run_id, round=server_round, reason=str(e)
+                )
             return Message(Error(code=protocol.REFUSED, reason=str(e)), reply_to=msg)
     if history is not None:  # the site's whole history, across runs and restarts
         accountant_state = {"history": history, "mechanism": cfg.privacy.accountant}
@@ -202,6 +219,17 @@ def handle_train(
         metrics[protocol.EPSILON] = result.epsilon
         metrics[protocol.NOISE_MULTIPLIER] = float(result.noise_multiplier or 0.0)
     content = protocol.train_reply(adapter_state(model), metrics)
+    if audit is not None:  # what leaves the site, on its disk before it leaves
+        arrays = content[protocol.ARRAYS]
+        audit.record(
+            auditlog.SENT,
+            run_id=context.run_id,
+            round=server_round,
+            tensors=len(arrays),
+            bytes=protocol.record_nbytes(arrays),
+            metrics=sorted(metrics),
+            epsilon=result.epsilon,
+        )
     return Message(content, reply_to=msg)
 
 

@@ -1,26 +1,43 @@
 """The coordinator's Flower ServerApp: the configured aggregation rule over the adapter,
 server-side evaluation on the held-out set each round, federated evaluation on the sites'
-validation splits, and at the end the run directory: ``adapter/`` (PEFT format),
-``metrics.jsonl``, ``summary.json``.
+validation splits, a checkpoint after every round, and at the end the run directory:
+``adapter/`` (PEFT format), ``metrics.jsonl``, ``summary.json``.
+
+Checkpoint and resume (Flower has none: flwr issue #599). After every round the coordinator
+writes ``checkpoint/`` in the run directory: ``manifest.json`` (round, flat run config,
+metrics history, strategy / early-stopping state, the last evaluation) and one
+``arrays-rNNNN.npz`` (the global adapter, the best round's adapter, the server optimizer's
+moments: every array of the state, keys and dtypes kept). Each file is written to a temporary
+file in the same directory, fsync'ed and renamed into place, the manifest last: a crash at
+any point leaves the previous checkpoint whole. ``federation.resume = true`` goes on from it
+with the same run config: the rounds already done are not repeated.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
+import os
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
+from fedhaven import auditlog, protocol
 from fedhaven import data as fdata
-from fedhaven import protocol
+from fedhaven.auditlog import AuditLog
 from fedhaven.config import Config, from_flat
+from fedhaven.errors import FedhavenError
 from fedhaven.models import (
     adapter_state,
     build_model,
@@ -129,9 +146,213 @@ class EarlyStopping:
         self._since += 1
         return self._since >= self.patience
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_round": self.best_round, "since": self._since}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.best, self.best_round = state["best"], int(state["best_round"])
+        self._since = int(state["since"])
+
 
 class _Stop(Exception):
     """Raised from the per-round evaluation to end Flower's round loop early."""
+
+
+# --- checkpoint -----------------------------------------------------------------------------
+
+#: The checkpoint's folder in the run directory, and its manifest (replaced last).
+CHECKPOINT_DIR = "checkpoint"
+MANIFEST = "manifest.json"
+CHECKPOINT_FORMAT = 1
+#: Run-config keys a resume may change: the switch itself, how long a round waits for the
+#: sites, and where the run directory lies (a moved run directory can still be resumed).
+#: Everything else shapes the model or the privacy guarantee and must stay the checkpoint's.
+RESUME_MAY_CHANGE = ("federation.resume", "federation.round-timeout", "federation.out-dir")
+_ARRAY = "__ndarray__"  # marks a reference to an array of the checkpoint's .npz in the JSON
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # not every platform opens directories
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` so that it is either the old file or the complete new one, never a
+    part: a temporary file in the same directory, fsync'ed, then renamed over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _pack(obj: Any, arrays: dict[str, np.ndarray]) -> Any:
+    """``obj`` as JSON, its arrays moved to ``arrays`` and replaced by references."""
+    if isinstance(obj, np.ndarray):
+        name = f"a{len(arrays)}"
+        arrays[name] = obj
+        return {_ARRAY: name}
+    if isinstance(obj, Mapping):
+        return {str(k): _pack(v, arrays) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_pack(v, arrays) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _unpack(obj: Any, arrays: Mapping[str, np.ndarray]) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {_ARRAY}:
+            return arrays[obj[_ARRAY]]
+        return {k: _unpack(v, arrays) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unpack(v, arrays) for v in obj]
+    return obj
+
+
+def save_checkpoint(directory: Path, state: Mapping[str, Any]) -> None:
+    """Write ``state`` (JSON values and NumPy arrays, nested; ``state["round"]`` an int) as
+    the checkpoint in ``directory``, replacing the previous one only once it is complete."""
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, np.ndarray] = {}
+    packed = _pack(state, arrays)
+    name = f"arrays-r{int(state['round']):04d}.npz"
+    write_atomic(directory / name, lambda f: np.savez(f, allow_pickle=False, **arrays))
+    manifest = {
+        "format": CHECKPOINT_FORMAT,
+        "arrays_file": name,
+        "arrays_sha256": hashlib.sha256((directory / name).read_bytes()).hexdigest(),
+        "state": packed,
+    }
+    text = json.dumps(manifest, indent=1) + "\n"
+    write_atomic(directory / MANIFEST, lambda f: f.write(text.encode()))
+    for old in directory.iterdir():  # earlier rounds' arrays, and temporaries of a crash
+        if old.name != name and (old.name.startswith("arrays-") or old.suffix == ".tmp"):
+            with contextlib.suppress(OSError):
+                old.unlink()
+
+
+def load_checkpoint(directory: Path) -> dict[str, Any] | None:
+    """The state :func:`save_checkpoint` wrote to ``directory``; ``None`` if there is none."""
+    path = directory / MANIFEST
+    if not path.is_file():
+        return None
+    fix = "restore the run directory from a backup, or run without federation.resume"
+    try:
+        manifest = json.loads(path.read_text())
+        data = (directory / manifest["arrays_file"]).read_bytes()
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FedhavenError(f"checkpoint in {directory} is unreadable ({e}): {fix}") from e
+    if manifest.get("format") != CHECKPOINT_FORMAT:
+        raise FedhavenError(
+            f"checkpoint in {directory} has format {manifest.get('format')!r}, this fedhaven "
+            f"reads {CHECKPOINT_FORMAT}: resume with the fedhaven version that wrote it"
+        )
+    if hashlib.sha256(data).hexdigest() != manifest.get("arrays_sha256"):
+        what = manifest["arrays_file"]
+        raise FedhavenError(f"checkpoint in {directory}: {what} is corrupt: {fix}")
+    with np.load(directory / manifest["arrays_file"], allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    return _unpack(manifest["state"], arrays)
+
+
+def check_resumable(saved: Mapping[str, Any], cfg: Config, directory: Path) -> None:
+    """Raise unless ``cfg`` is the run config the checkpoint in ``directory`` was written
+    with (:data:`RESUME_MAY_CHANGE` aside)."""
+    now = cfg.to_flat()
+    missing = "(absent)"
+    for key in dict.fromkeys([*saved, *now]):
+        if key in RESUME_MAY_CHANGE:
+            continue
+        before, after = saved.get(key, missing), now.get(key, missing)
+        if before != after:
+            raise FedhavenError(
+                f"the checkpoint in {directory} is of another run config: '{key}' was "
+                f"{before!r}, now {after!r}; resume with the run's own config, or start a new "
+                "run in another federation.out-dir"
+            )
+
+
+def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: a.numpy() for k, a in record.items()}
+
+
+def _record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
+
+
+class _Resumed(Strategy):
+    """``strategy`` as Flower's round loop sees it in a resumed run.
+
+    ``Strategy.start`` always counts rounds from 1; a resumed run gives it the rounds left
+    and this wrapper shows ``strategy`` round ``r + offset`` for Flower's round ``r``. The
+    sites' learning-rate schedule and privacy ledger read the round from the train config,
+    which Flower's ``configure_train`` sets from the round it is given: they see it too.
+    """
+
+    def __init__(self, strategy: Strategy, offset: int) -> None:
+        super().__init__()
+        self.strategy, self.offset = strategy, offset
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.strategy.configure_train(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.strategy.aggregate_train(server_round + self.offset, replies)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round + self.offset, replies)
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+
+def _resume_state(out: Path, cfg: Config) -> dict[str, Any]:
+    saved = load_checkpoint(out / CHECKPOINT_DIR)
+    if saved is None:
+        raise FedhavenError(f"no checkpoint in {out}: run without federation.resume")
+    check_resumable(saved["config"], cfg, out)
+    return saved
+
+
+def _drop_checkpoint(out: Path) -> None:
+    """A fresh run in a run directory that holds an earlier run's checkpoint: from now on the
+    directory is this run's, and a resume must not pick up the other one."""
+    directory = out / CHECKPOINT_DIR
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        return
+    log.warning(
+        "%s holds a checkpoint of an earlier run: this run starts over and replaces it "
+        "(federation.resume = true would have gone on from it)",
+        out,
+    )
+    manifest.unlink()  # first: without it the arrays are no checkpoint
+    for old in directory.glob("arrays-*.npz"):
+        old.unlink()
 
 
 def run_server(
@@ -141,10 +362,21 @@ def run_server(
 
     ``engine`` (:data:`SIMULATION` or :data:`DEPLOYMENT`) is recorded in the summary: only a
     simulated run's data can be rebuilt for ``fedhaven audit``.
+
+    After every round the run's state goes to ``checkpoint/`` in the run directory. With
+    ``federation.resume`` the run goes on from there, after the checkpoint's round, with
+    the checkpoint's global adapter, strategy state, early-stopping state and metrics; it
+    ends after ``federation.rounds`` rounds in all. Resuming a run that already ended (all
+    rounds done, or stopped early) trains nothing: it writes the adapter, summary and report
+    again from the checkpoint (what a crash while writing them would need) and says so.
     """
     t0 = time.perf_counter()
+    fed = cfg.federation
     out = run_dir(cfg)
+    saved = _resume_state(out, cfg) if fed.resume else None
     out.mkdir(parents=True, exist_ok=True)
+    if saved is None:
+        _drop_checkpoint(out)
     labels = cfg.data.label_names
     test = fdata.tokenize(
         fdata.load(cfg.data.test_path, cfg.data, split="test"),
@@ -155,6 +387,11 @@ def run_server(
     initial = protocol.to_record(adapter_state(model))
     base = build_strategy(cfg)
     strategy, accountant = central_dp.wrap(base, cfg)
+    # The run's audit log: appended, never rewritten (a resumed run goes on in the same file).
+    audit = AuditLog(out / auditlog.AUDIT_FILE)
+    base.audit = audit
+    # federation.min-sites holds in every round, or the run stops (FedhavenError, RUN_STOPPED).
+    base.stop_below_minimum = True
 
     def central_epsilon() -> float | None:
         if accountant is None:
@@ -163,14 +400,43 @@ def run_server(
 
     history: list[dict[str, Any]] = []
     final_eval: dict[str, Any] = {}
-    patience = cfg.federation.patience
-    stopper = EarlyStopping(patience, cfg.federation.min_delta)
+    patience = fed.patience
+    stopper = EarlyStopping(patience, fed.min_delta)
     best: dict[str, Any] = {}  # with patience: the best round's arrays and evaluation
-    metrics_file = (out / METRICS_FILE).open("w")
+    done, wall_before, stopped_early = 0, 0.0, False  # rounds the checkpoint had finished
+    if saved is not None:
+        done, stopped_early = int(saved["round"]), bool(saved["stopped_early"])
+        initial = _record(saved["arrays"])
+        strategy.load_state_dict(saved["strategy"])  # type: ignore[attr-defined]
+        stopper.load_state_dict(saved["early_stopping"])
+        if saved["best"] is not None:
+            best.update(arrays=_record(saved["best"]["arrays"]), eval=saved["best"]["eval"])
+        history.extend(saved["history"])
+        final_eval.update(saved["last_eval"])
+        wall_before = float(history[-1]["wall_s"]) if history else 0.0
+        log.warning("resuming the run in %s after round %d of %d", out, done, fed.rounds)
+    audit.record(
+        auditlog.RUN_STARTED,
+        run_dir=str(out),
+        engine=engine,
+        strategy=fed.strategy,
+        rounds=fed.rounds,
+        sites=fed.sites,
+        min_sites=base.min_train_nodes,
+        central_dp=cfg.privacy.central,
+        resumed_after_round=done or None,
+    )
+    latest = {"arrays": initial}  # the global adapter after the last round evaluated
+    # The checkpoint's rounds only: a line written after the last checkpoint is of a round
+    # that runs again now. Then appended, round by round.
+    lines = "".join(json.dumps(line) + "\n" for line in history)
+    write_atomic(out / METRICS_FILE, lambda f: f.write(lines.encode()))
+    metrics_file = (out / METRICS_FILE).open("a")
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round == 0:  # the untrained head says nothing worth the time
-            return None
+        if server_round <= done:  # round 0: the untrained head says nothing worth the time;
+            return None  # a resumed run's starting point: evaluated before the checkpoint
+        latest["arrays"] = arrays
         set_adapter_state(model, protocol.from_record(arrays))
         ev = evaluate(model, test, cfg)
         final_eval.update(ev)
@@ -179,7 +445,7 @@ def run_server(
         validation = validation_macro_f1(sites)
         line = {
             "round": server_round,
-            "wall_s": round(time.perf_counter() - t0, 2),
+            "wall_s": round(wall_before + time.perf_counter() - t0, 2),
             "global": {k: ev[k] for k in ("loss", "accuracy", "macro_f1", "per_class_f1")},
             "validation_macro_f1": validation,
             "max_epsilon": max(eps, default=None),
@@ -190,21 +456,45 @@ def run_server(
         history.append(line)
         metrics_file.write(json.dumps(line) + "\n")
         metrics_file.flush()
-        if progress:
-            progress(line)
+        stop = False
         if patience:
             stop = stopper.update(server_round, validation)
             if stopper.best_round == server_round:
                 best.update(arrays=arrays, eval=dict(ev))
-            if stop:
-                log.warning(
-                    "early stopping after round %d: the sites' validation macro-F1 has not "
-                    "improved for %d rounds (best: round %d)",
-                    server_round,
-                    patience,
-                    stopper.best_round,
-                )
-                raise _Stop
+        save_checkpoint(
+            out / CHECKPOINT_DIR,
+            {
+                "round": server_round,
+                "stopped_early": stop,
+                "config": cfg.to_flat(),
+                "arrays": _numpy(arrays),
+                "strategy": strategy.state_dict(),  # type: ignore[attr-defined]
+                "early_stopping": stopper.state_dict(),
+                "best": {
+                    "round": stopper.best_round,
+                    "arrays": _numpy(best["arrays"]),
+                    "eval": best["eval"],
+                }
+                if best
+                else None,
+                "last_eval": dict(ev),
+                "history": history,
+            },
+        )
+        audit.record(
+            auditlog.CHECKPOINT_WRITTEN, round=server_round, path=str(out / CHECKPOINT_DIR)
+        )
+        if progress:
+            progress(line)
+        if stop:
+            log.warning(
+                "early stopping after round %d: the sites' validation macro-F1 has not "
+                "improved for %d rounds (best: round %d)",
+                server_round,
+                patience,
+                stopper.best_round,
+            )
+            raise _Stop
         return MetricRecord(
             {
                 protocol.ACCURACY: ev["accuracy"],
@@ -213,29 +503,52 @@ def run_server(
             }
         )
 
-    stopped_early = False
+    updated = True  # whether any round aggregated an update
     try:
-        final = strategy.start(
-            grid=grid,
-            initial_arrays=initial,
-            num_rounds=cfg.federation.rounds,
-            train_config=ConfigRecord(),
-            evaluate_config=ConfigRecord(),
-            evaluate_fn=evaluate_global,
-        ).arrays
+        if saved is not None and (stopped_early or done >= fed.rounds):
+            log.warning(
+                "the run in %s had already ended (%s): nothing left to train; writing its "
+                "adapter, summary and report again from the checkpoint",
+                out,
+                f"stopped early after round {done}" if stopped_early else f"all {done} rounds",
+            )
+        else:
+            runner = _Resumed(strategy, done) if done else strategy
+            result = runner.start(
+                grid=grid,
+                initial_arrays=initial,
+                num_rounds=fed.rounds - done,
+                timeout=fed.round_timeout,
+                train_config=ConfigRecord(),
+                evaluate_config=ConfigRecord(),
+                evaluate_fn=lambda r, arrays: evaluate_global(r + done, arrays),
+            )
+            updated = len(result.arrays) > 0
     except _Stop:
-        stopped_early, final = True, ArrayRecord()
+        stopped_early = True
+    except Exception as e:
+        # User errors of the round loop (too few sites) are logged where they are raised.
+        if not isinstance(e, FedhavenError):
+            audit.record(auditlog.RUN_STOPPED, reason=f"{type(e).__name__}: {e}")
+        raise
     finally:
         metrics_file.close()
 
+    final = latest["arrays"]
     if best:  # early stopping on: the best round's model is the run's model
         final = best["arrays"]
         final_eval.update(best["eval"])
-    if len(final) == 0:  # no round aggregated anything: every site failed
-        log.warning("no site update was accepted in any round: saving the initial adapter")
-        final = initial
+    elif not updated:  # no round aggregated anything: every site failed
+        log.warning(
+            "no site update was accepted in any round%s: saving the %s adapter",
+            " since the resume" if done else "",
+            "checkpoint's" if done else "initial",
+        )
     set_adapter_state(model, protocol.from_record(final))
     save_trained(model, cfg, out / ADAPTER_DIR)
+    audit.record(
+        auditlog.CHECKPOINT_WRITTEN, round=len(history), path=str(out / ADAPTER_DIR), final=True
+    )
 
     sites = {}
     for line in history:  # a site's latest round it took part in
@@ -249,6 +562,12 @@ def run_server(
                 "fingerprint": row["fingerprint"],
                 "last_round": line["round"],
             }
+    if done:  # Flower numbers a site anew when a run restarts: the same data is the same site
+        later = {s["fingerprint"]: n for n, s in sites.items() if s["last_round"] > done}
+        for node in [n for n, s in sites.items() if s["last_round"] <= done]:
+            fingerprint = sites[node]["fingerprint"]
+            if fingerprint is not None and later.get(fingerprint, node) != node:
+                del sites[node]
     site_eps = [s["epsilon"] for s in sites.values() if s["epsilon"] is not None]
     summary = {
         "rounds": len(history),
@@ -274,13 +593,24 @@ def run_server(
             "epsilon": central_epsilon(),
             "delta": cfg.privacy.delta,
         },
-        "wall_s": round(time.perf_counter() - t0, 2),
+        "wall_s": round(wall_before + time.perf_counter() - t0, 2),
+        "resumed_after_round": done or None,
         "config": cfg.to_flat(),
         "versions": {p: version(p) for p in ("flwr", "torch", "transformers", "peft", "opacus")},
         "run_dir": str(out),
         "engine": engine,
     }
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    audit.record(
+        auditlog.RUN_FINISHED,
+        rounds=summary["rounds"],
+        best_round=summary["best_round"],
+        stopped_early=stopped_early,
+        metrics={k: summary["global"][k] for k in ("accuracy", "macro_f1", "loss")},
+        max_epsilon=summary["max_epsilon"],
+        central_epsilon=central_epsilon(),
+        wall_s=summary["wall_s"],
+    )
     write_report(out)  # report.md, plots/ and the adapter's model card
     return summary
 

@@ -10,7 +10,17 @@
 * each site's own metrics (examples, ε, validation accuracy) and the bytes moved are kept
   per round, for the run report — Flower only keeps the weighted averages;
 * each site's update can be norm-bounded (:mod:`fedhaven.strategies.norm_bound`), after
-  validation and before the rule.
+  validation and before the rule;
+* with ``stop_below_minimum`` (the ServerApp sets it), a training round in which fewer than
+  ``min_train_nodes`` updates pass (the run's ``federation.min-sites``, capped at
+  ``federation.sites``) stops the run with a :class:`~fedhaven.errors.FedhavenError`
+  instead of going on with too few sites. Off by default, as in Flower's own strategies,
+  where ``min_train_nodes`` only sets how many sites a round samples;
+* with an :class:`~fedhaven.auditlog.AuditLog` as ``audit``, each round's sampled sites and
+  every reply's fate (accepted with its bytes and examples; rejected, refused or failed with
+  the reason) go to the run's audit log, and so does a stop for too few sites. Flower's
+  Message API tells a strategy of no "connect" event: the sites a round samples for the
+  first time are that round's ``sites`` in the log.
 """
 
 from __future__ import annotations
@@ -25,7 +35,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.fedopt import FedOpt
 
-from fedhaven import protocol
+from fedhaven import auditlog, protocol
+from fedhaven.auditlog import AuditLog
+from fedhaven.errors import FedhavenError
 from fedhaven.strategies.norm_bound import NormBounded
 
 log = logging.getLogger(__name__)
@@ -34,24 +46,52 @@ log = logging.getLogger(__name__)
 class Validated(NormBounded):
     """Mixin: put it first in the bases, before the Flower strategy it extends."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(
+        self, *, audit: AuditLog | None = None, stop_below_minimum: bool = False, **kwargs: Any
+    ) -> None:
         kwargs.setdefault("weighted_by_key", protocol.NUM_EXAMPLES)
         kwargs.setdefault("arrayrecord_key", protocol.ARRAYS)
         kwargs.setdefault("configrecord_key", protocol.CONFIG)
         super().__init__(**kwargs)
+        #: The run's audit log (the ServerApp may set it after construction); None: no log.
+        self.audit = audit
+        #: Stop the run when fewer than ``min_train_nodes`` updates of a round pass.
+        self.stop_below_minimum = stop_below_minimum
         self._expected: dict[str, tuple[int, ...]] = {}
         self._sent_bytes = 0
+        self._sampled: tuple[int, list[int]] = (0, [])  # (round, nodes sent instructions)
+        self._seen: set[int] = set()  # nodes sampled in any round so far
         #: round -> node id -> {MessageType.TRAIN / EVALUATE: metrics of that site's reply}
         self.site_metrics: dict[int, dict[int, dict[str, dict[str, Any]]]] = {}
         #: round -> {"bytes_sent", "bytes_received", "sites_used", "rejected"}
         self.round_stats: dict[int, dict[str, int]] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to go on with this rule: nothing, for a rule that keeps
+        no state across rounds (rules that do override this pair). ``site_metrics`` and
+        ``round_stats`` are the run's history, which the checkpoint keeps as metrics lines."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, got {sorted(state)}")
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._expected = protocol.shapes(arrays)
         self._sent_bytes = protocol.record_nbytes(arrays)
-        return super().configure_train(server_round, arrays, config, grid)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        nodes = [m.metadata.dst_node_id for m in messages]
+        self._sampled = (server_round, nodes)
+        new = sorted(set(nodes) - self._seen)
+        self._seen.update(nodes)
+        self._record(auditlog.ROUND_STARTED, round=server_round, nodes=sorted(nodes), sites=new)
+        return messages
+
+    def _record(self, event: str, **fields: Any) -> None:
+        if self.audit is not None:
+            self.audit.record(event, **fields)
 
     def _check(self, msg: Message, train: bool) -> None:
         """Raise ``ValueError`` if the reply must not go into the round."""
@@ -70,44 +110,110 @@ class Validated(NormBounded):
                 raise ValueError(f"tensor '{k}' holds non-finite values")
 
     def _accept(self, server_round: int, replies: Iterable[Message], train: bool) -> list[Message]:
+        kind = MessageType.TRAIN if train else MessageType.EVALUATE
         accepted = []
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                what = "refused" if msg.error.code == protocol.REFUSED else "failed"
+                refused = msg.error.code == protocol.REFUSED
+                what = "refused" if refused else "failed"
                 log.warning("round %d: site %d %s: %s", server_round, node, what, msg.error.reason)
+                self._record(
+                    auditlog.REPLY_REFUSED if refused else auditlog.REPLY_FAILED,
+                    round=server_round,
+                    kind=kind,
+                    node=node,
+                    code=msg.error.code,
+                    reason=msg.error.reason,
+                )
                 continue
             try:
                 self._check(msg, train)
             except ValueError as e:
                 log.warning("round %d: rejected reply of site %d: %s", server_round, node, e)
+                self._rejected(server_round, kind, node, str(e))
                 continue
             accepted.append(msg)
         if train and accepted:  # Flower's rules need one set of metric keys
             keys = Counter(frozenset(m.content[protocol.METRICS].keys()) for m in accepted)
             common = keys.most_common(1)[0][0]
             for msg in [m for m in accepted if set(m.content[protocol.METRICS].keys()) != common]:
+                why = (
+                    f"its metrics {sorted(msg.content[protocol.METRICS].keys())} differ from "
+                    f"most sites' {sorted(common)}"
+                )
                 log.warning(
-                    "round %d: rejected reply of site %d: its metrics %s differ from most "
-                    "sites' %s",
+                    "round %d: rejected reply of site %d: %s",
                     server_round,
                     msg.metadata.src_node_id,
-                    sorted(msg.content[protocol.METRICS].keys()),
-                    sorted(common),
+                    why,
                 )
+                self._rejected(server_round, kind, msg.metadata.src_node_id, why)
                 accepted.remove(msg)
-        kind = MessageType.TRAIN if train else MessageType.EVALUATE
         for msg in accepted:
-            site = self.site_metrics.setdefault(server_round, {})
-            site.setdefault(msg.metadata.src_node_id, {})[kind] = dict(
-                msg.content[protocol.METRICS]
+            node, metrics = msg.metadata.src_node_id, msg.content[protocol.METRICS]
+            self.site_metrics.setdefault(server_round, {}).setdefault(node, {})[kind] = dict(
+                metrics
+            )
+            self._record(
+                auditlog.REPLY_ACCEPTED,
+                round=server_round,
+                kind=kind,
+                node=node,
+                bytes=protocol.record_nbytes(msg.content[protocol.ARRAYS]) if train else 0,
+                examples=metrics[protocol.NUM_EXAMPLES],
             )
         return accepted
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+    def _rejected(self, server_round: int, kind: str, node: int, reason: str) -> None:
+        self._record(
+            auditlog.REPLY_REJECTED, round=server_round, kind=kind, node=node, reason=reason
+        )
+
+    def _unanswered(self, server_round: int, replies: list[Message]) -> None:
+        """Log the sites this round's instructions went to that sent no reply at all."""
+        sampled_round, nodes = self._sampled
+        if sampled_round != server_round:
+            return
+        answered = {m.metadata.src_node_id for m in replies}
+        for node in [n for n in nodes if n not in answered]:
+            log.warning("round %d: site %d sent no reply in time", server_round, node)
+            self._record(
+                auditlog.REPLY_FAILED,
+                round=server_round,
+                kind=MessageType.TRAIN,
+                node=node,
+                code=None,
+                reason="no reply within the round's timeout",
+            )
+
+    def _require_minimum(self, server_round: int, replies: list[Message], used: int) -> None:
+        """With ``stop_below_minimum``, stop the run if fewer than ``min_train_nodes``
+        updates went into the round."""
+        asked = self._sampled[1] if self._sampled[0] == server_round else []
+        if not self.stop_below_minimum or used >= self.min_train_nodes:
+            return
+        if not (asked or replies):
+            return  # nothing was asked of any site (federation.fraction-train = 0)
+        message = (
+            f"round {server_round}: only {used} of the {self.min_train_nodes} sites required "
+            "(federation.min-sites) sent a usable update: stopping; lower "
+            "federation.min-sites or fix the sites (see the log)"
+        )
+        self._record(
+            auditlog.RUN_STOPPED,
+            round=server_round,
+            reason=message,
+            accepted=used,
+            required=self.min_train_nodes,
+        )
+        raise FedhavenError(message)
+
+    def screen_train(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """The training replies that may go into the round, with the round's bookkeeping
+        (``site_metrics``, ``round_stats``, the audit log) done, and the run stopped if too
+        few pass. :meth:`aggregate_train` starts with it; a wrapper that skips this
+        strategy's ``aggregate_train`` for a round calls it so the round is still accounted."""
         accepted = self._accept(server_round, replies, train=True)
         # before the rule: Flower's FedMedian and FedTrimmedAvg pop the arrays from the replies
         self.round_stats[server_round] = {
@@ -118,6 +224,14 @@ class Validated(NormBounded):
             "sites_used": len(accepted),
             "rejected": len(replies) - len(accepted),
         }
+        self._unanswered(server_round, replies)
+        self._require_minimum(server_round, replies, len(accepted))
+        return accepted
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted = self.screen_train(server_round, list(replies))
         if not accepted:
             return None, None
         return super().aggregate_train(server_round, accepted)

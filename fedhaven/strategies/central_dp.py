@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid, PrivacyConfig, RdpAccountant
@@ -61,6 +62,22 @@ class _Accounted:
     central_accountant: RdpAccountant
     total_noise: float
 
+    clipping_norm: float
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped rule's state, the accountant's releases and the clipping bound (it
+        moves every round under adaptive clipping)."""
+        return {
+            "strategy": self.strategy.state_dict(),
+            "accountant": self.central_accountant.state_dict(),
+            "clipping_norm": float(self.clipping_norm),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.strategy.load_state_dict(state["strategy"])
+        self.central_accountant.load_state_dict(state["accountant"])
+        self.clipping_norm = float(state["clipping_norm"])
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -68,6 +85,8 @@ class _Accounted:
         arrays, metrics = None, None
         if len(replies) == n and not any(m.has_error() for m in replies):
             arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        else:  # nothing released; the base still logs the replies and checks the minimum
+            self.strategy.screen_train(server_round, replies)
         used = self.strategy.round_stats.get(server_round, {}).get("sites_used", 0)
         if arrays is None or used != n:  # the noise is calibrated to n clipped updates
             log.warning(

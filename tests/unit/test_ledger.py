@@ -58,8 +58,24 @@ def test_a_torn_last_line_is_ignored_but_a_corrupt_middle_line_is_an_error(
     with ledger.path.open("a") as f:
         f.write('{"round": 2, "relea')  # the site crashed mid-write: that update never left
     assert [e["round"] for e in ledger.entries()] == [1]
+
+
+def test_an_append_after_a_torn_line_drops_the_fragment(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path)
+    ledger.append({"round": 1, "releases": [[1.0, 0.5, 2]]})
     with ledger.path.open("a") as f:
-        f.write('\n{"round": 3, "releases": []}\n')
+        f.write('{"round": 2, "relea')  # the site crashed mid-write
+    ledger.append({"round": 2, "releases": [[1.0, 0.5, 2]]})  # the restarted site goes on
+    # the fragment of the update that never left is dropped; the ledger stays readable
+    assert [e["round"] for e in ledger.entries()] == [1, 2]
+    assert len(ledger.path.read_text().splitlines()) == 2
+
+
+def test_a_corrupt_middle_line_is_an_error(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path)
+    ledger.append({"round": 1, "releases": [[1.0, 0.5, 2]]})
+    with ledger.path.open("a") as f:
+        f.write('{"round": 2, "relea\n{"round": 3, "releases": []}\n')
     with pytest.raises(FedhavenError, match="line 2 is corrupt"):
         ledger.entries()
 

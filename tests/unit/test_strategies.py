@@ -23,6 +23,7 @@ pytestmark = pytest.mark.usefixtures("flower_identity")
 
 FLOWER = {
     "fedavg": flower.FedAvg,
+    "ffa": flower.FedAvg,  # FFA-LoRA: FedAvg of B, with A frozen at the sites
     "fedprox": flower.FedProx,
     "fedadam": flower.FedAdam,
     "fedyogi": flower.FedYogi,
