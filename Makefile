@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) bench/privacy_audit.py
 	$(PY) bench/federation_overhead.py
 	$(PY) bench/communication.py
+	$(PY) bench/scale.py
 
 clean:
 	rm -rf $(VENV) runs
