@@ -25,8 +25,7 @@ from fedhaven import data as fdata
 from fedhaven.config import from_flat
 from fedhaven.errors import FedhavenError
 from fedhaven.models import load_tokenizer, load_trained
-from fedhaven.report import ADAPTER_DIR, SUMMARY_FILE
-from fedhaven.server.app import SIMULATION
+from fedhaven.report import ADAPTER_DIR, SIMULATION, SUMMARY_FILE
 from fedhaven.training import default_device
 
 

@@ -23,6 +23,9 @@ from fedhaven.errors import FedhavenError
 #: The run directory's files (server/app.py writes the first three).
 ADAPTER_DIR, METRICS_FILE, SUMMARY_FILE = "adapter", "metrics.jsonl", "summary.json"
 REPORT_FILE, PLOTS_DIR = "report.md", "plots"
+#: How the sites ran, recorded in ``summary.json`` as ``engine`` (only a simulated run's
+#: data can be rebuilt, for ``fedhaven audit``).
+SIMULATION, DEPLOYMENT = "simulation", "deployment"
 PLOTS = ("global.png", "sites.png", "epsilon.png", "confusion.png")
 
 

@@ -46,7 +46,13 @@ from fedhaven.models import (
     save_trained,
     set_adapter_state,
 )
-from fedhaven.report import ADAPTER_DIR, METRICS_FILE, SUMMARY_FILE, write_report
+from fedhaven.report import (
+    ADAPTER_DIR,
+    DEPLOYMENT,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    write_report,
+)
 from fedhaven.strategies import STRATEGIES, Validated, central_dp
 from fedhaven.training import default_device, evaluate
 
@@ -54,8 +60,6 @@ log = logging.getLogger(__name__)
 
 #: Called after each round with that round's line of metrics.jsonl (the CLI prints progress).
 ProgressFn = Callable[[dict[str, Any]], None]
-#: How the sites ran, recorded in ``summary.json`` as ``engine``.
-SIMULATION, DEPLOYMENT = "simulation", "deployment"
 
 
 def run_dir(cfg: Config) -> Path:

@@ -21,8 +21,8 @@ from fedhaven.client.app import SiteSettings
 from fedhaven.config import DELTA, EPSILON_BUDGET, STATE_DIR, Config, from_flat
 from fedhaven.errors import FedhavenError
 from fedhaven.models import resolve_model_path
-from fedhaven.report import SUMMARY_FILE
-from fedhaven.server.app import SIMULATION, ProgressFn
+from fedhaven.report import SIMULATION, SUMMARY_FILE
+from fedhaven.server.app import ProgressFn
 
 #: Offline by design: no telemetry, no hub, no runtime dependency installs.
 OFFLINE_ENV = {

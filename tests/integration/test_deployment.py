@@ -24,7 +24,7 @@ import pytest
 
 from fedhaven.deploy.certs import init_ca, site_keys
 from fedhaven.privacy import LEDGER_FILE
-from fedhaven.server.app import DEPLOYMENT, SUMMARY_FILE
+from fedhaven.report import DEPLOYMENT, SUMMARY_FILE
 
 pytestmark = pytest.mark.slow
 
