@@ -3,14 +3,20 @@
 Flower's own Opacus example builds a new PrivacyEngine each round, so its ε is per round.
 Here the accountant's history is handed in (``accountant_state``) and handed back, so the
 ε a site reports is cumulative over all rounds it trained in.
+
+What a site keeps on its own disk (its state directory) lives here too: the privacy ledger
+(:class:`Ledger`) and the noisy label prior it released in its current run (:class:`PriorStore`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,7 +27,7 @@ from opacus.accountants import create_accountant
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
 
-from fedhaven.config import PrivacyConfig
+from fedhaven.config import Config, FederationConfig, PrivacyConfig
 from fedhaven.errors import FedhavenError
 
 
@@ -243,3 +249,104 @@ def epsilon_of(history: list[Release], delta: float, accountant: str = "rdp") ->
     acc = create_accountant(mechanism=accountant)
     acc.history = list(history)
     return float(acc.get_epsilon(delta=delta)) if history else 0.0
+
+
+#: The site's stored label prior (its latest run's) inside the site's state directory.
+PRIOR_FILE = "label-prior.json"
+
+
+def run_identity(cfg: Config) -> str:
+    """What names one fedhaven run across a coordinator crash and ``federation.resume``.
+
+    Not Flower's run id: a resumed run is a new Flower run (a new id), and the ledger's
+    entries show it. The coordinator resumes only with the checkpoint's run config, every key
+    equal but those a resume may change (``fedhaven.server.app.RESUME_MAY_CHANGE``: resume,
+    round-timeout, out-dir), so the hash of the run config without those keys is the same in a
+    resumed run as in the run it resumes. A new run with the same config has it too:
+    :meth:`PriorStore.load` tells that one apart by the Flower run id and ``federation.resume``.
+    """
+    fed = FederationConfig()
+    same = replace(
+        cfg,
+        federation=replace(
+            cfg.federation, resume=fed.resume, round_timeout=fed.round_timeout, out_dir=fed.out_dir
+        ),
+    )
+    text = json.dumps(same.to_flat(), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class PriorStore:
+    """The label prior a site released in its current run, kept on the site's disk.
+
+    Under DP with logit adjustment a site releases a noisy label histogram once per run
+    (:func:`label_prior`) and keeps it in Flower's ``context.state``, run memory. That memory
+    is gone after a coordinator crash (the resumed run is a new Flower run) or a site restart:
+    without this file the site would release the histogram again, a release the run's noise
+    plan does not count. One JSON object (run identity, Flower run id, prior), replaced
+    atomically; the site writes it after its ledger records the release and before the
+    update leaves, so a crash in between costs a second, recorded release, never an unrecorded
+    reuse. Only the latest run's prior is kept.
+    """
+
+    def __init__(self, state_dir: str | Path) -> None:
+        self.path = Path(state_dir) / PRIOR_FILE
+
+    def load(self, cfg: Config, run_id: int) -> list[float] | None:
+        """The stored prior if it is this run's, else ``None`` (release a new one).
+
+        This run's: the same :func:`run_identity`, and either the same Flower run (the site
+        restarted mid-run) or ``federation.resume`` (a new Flower run going on with the same
+        run; if a run of the same config stored it in between, it is the same release of the
+        same data at the same noise, already counted in the ledger). A new run with the same
+        config, not resuming, releases its own.
+        """
+        if not self.path.is_file():
+            return None
+        try:
+            stored = json.loads(self.path.read_text())
+            identity, stored_run, prior = stored["run_identity"], stored["run_id"], stored["prior"]
+            if not (
+                isinstance(identity, str)
+                and isinstance(stored_run, int)
+                and isinstance(prior, list)
+                and prior
+                and all(type(p) in (int, float) and math.isfinite(p) and p > 0 for p in prior)
+            ):
+                raise ValueError("unexpected content")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise FedhavenError(
+                f"stored label prior '{self.path}' is corrupt ({e}): delete it; the site then "
+                "releases a new noisy label histogram, which its ledger counts"
+            ) from e
+        if identity != run_identity(cfg) or (stored_run != run_id and not cfg.federation.resume):
+            return None
+        return [float(p) for p in prior]
+
+    def save(self, cfg: Config, run_id: int, prior: list[float]) -> None:
+        """Keep ``prior`` as this run's: on disk (fsync'ed) when this returns."""
+        entry = {"run_identity": run_identity(cfg), "run_id": run_id, "prior": prior}
+        _write_atomic(self.path, json.dumps(entry) + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """``path`` holds the old text or the whole new one, never a part: a temporary file in
+    the same directory, fsync'ed, renamed over it, and the directory fsync'ed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # not every platform opens directories
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

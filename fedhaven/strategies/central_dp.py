@@ -49,6 +49,11 @@ log = logging.getLogger(__name__)
 class _Accounted:
     """Release a round only if every sampled site's update went into it; account it.
 
+    The wrapped strategy screens the replies first (validation, ``federation.max-update-norm``,
+    the audit log), before Flower's wrapper clips them: it must see each update as the site
+    sent it, and a reply it rejects never reaches Flower's clipping (where a wrong shape would
+    end the run). A rejected reply leaves the round unreleased, as a failed one does.
+
     Flower's fixed wrappers account only around an unmodified ``FedAvg.aggregate_train``
     (ours validates replies first) and its adaptive ones not at all, so each released round
     composes one Gaussian event into Flower's accountant here. For adaptive clipping the
@@ -81,14 +86,13 @@ class _Accounted:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies, n = list(replies), self.num_sampled_clients
-        arrays, metrics = None, None
-        if len(replies) == n and not any(m.has_error() for m in replies):
-            arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
-        else:  # nothing released; the base still logs the replies and checks the minimum
-            self.strategy.screen_train(server_round, replies)
-        used = self.strategy.round_stats.get(server_round, {}).get("sites_used", 0)
-        if arrays is None or used != n:  # the noise is calibrated to n clipped updates
+        n = self.num_sampled_clients
+        # logs every reply, rejects the invalid ones and checks the minimum
+        accepted = self.strategy.screen_train(server_round, list(replies))
+        arrays, metrics, used = None, None, len(accepted)
+        if used == n:  # Flower's wrapper clips, the strategy aggregates (not screening again)
+            arrays, metrics = super().aggregate_train(server_round, accepted)  # type: ignore[misc]
+        if arrays is None:  # the noise is calibrated to n clipped updates
             log.warning(
                 "round %d: %d of %d sites' updates usable: nothing released under central DP",
                 server_round,

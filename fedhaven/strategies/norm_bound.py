@@ -7,6 +7,10 @@ direction and gets the bound's length. No single site can then move the aggregat
 than ``weight × bound``, whatever it sends. It composes with every rule: it is a mixin that
 every fedhaven strategy has through :class:`~fedhaven.strategies.base.Validated`, off (0)
 unless ``federation.update-norm-bound`` sets it.
+
+An update longer than ``federation.max-update-norm`` (off at 0) is not clipped but rejected:
+:meth:`NormBounded.check_update_norm` raises, and ``Validated`` leaves the reply out of the
+round like any invalid one. Between the two bounds an update is clipped.
 """
 
 from __future__ import annotations
@@ -24,12 +28,25 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 log = logging.getLogger(__name__)
 
 
+def _update(
+    reply: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], float]:
+    """``reply − sent`` per tensor, and its L2 norm over all the tensors at once."""
+    update = {k: np.asarray(reply[k]) - sent[k] for k in sent}
+    norm = math.sqrt(sum(float(np.square(u, dtype=np.float64).sum()) for u in update.values()))
+    return update, norm
+
+
+def update_norm(reply: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> float:
+    """The L2 norm of a site's update ``reply − sent``, over all the tensors at once."""
+    return _update(reply, sent)[1]
+
+
 def bound_update(
     reply: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray], bound: float
 ) -> tuple[dict[str, np.ndarray], float]:
     """``sent + clip(reply − sent, bound)`` per tensor, and the update's norm before clipping."""
-    update = {k: np.asarray(reply[k]) - sent[k] for k in sent}
-    norm = math.sqrt(sum(float(np.square(u, dtype=np.float64).sum()) for u in update.values()))
+    update, norm = _update(reply, sent)
     scale = min(1.0, bound / norm) if norm > 0 else 1.0
     return {k: (sent[k] + update[k] * scale).astype(sent[k].dtype) for k in sent}, norm
 
@@ -42,31 +59,59 @@ class NormBounded(FlowerFedAvg):
     Replies reach it already validated (keys and shapes match what was sent).
     """
 
-    def __init__(self, *, update_norm_bound: float = 0.0, **kwargs: Any) -> None:
-        if update_norm_bound < 0:
-            raise ValueError(f"update_norm_bound must be >= 0, got {update_norm_bound}")
+    def __init__(
+        self, *, update_norm_bound: float = 0.0, max_update_norm: float = 0.0, **kwargs: Any
+    ) -> None:
+        for name, value in (
+            ("update_norm_bound", update_norm_bound),
+            ("max_update_norm", max_update_norm),
+        ):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
         super().__init__(**kwargs)
         self.update_norm_bound = update_norm_bound
+        #: > 0: a train reply whose update is longer is rejected (see check_update_norm).
+        self.max_update_norm = max_update_norm
         self._sent: dict[str, np.ndarray] | None = None
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        if self.update_norm_bound:
+        if self.update_norm_bound or self.max_update_norm:
             self._sent = {k: a.numpy() for k, a in arrays.items()}
         return super().configure_train(server_round, arrays, config, grid)
+
+    def _sent_arrays(self) -> dict[str, np.ndarray]:
+        if self._sent is None:
+            raise RuntimeError("norm bounding needs the arrays sent: call configure_train")
+        return self._sent
+
+    def check_update_norm(self, msg: Message) -> None:
+        """Raise ``ValueError`` if the reply's update is longer than ``max_update_norm``.
+
+        For a reply that passed validation (its tensors are the adapter's, finite): the
+        caller leaves a failing one out of the round, as it does an invalid one.
+        """
+        if not self.max_update_norm:
+            return
+        record = msg.content[self.arrayrecord_key]
+        norm = update_norm({k: a.numpy() for k, a in record.items()}, self._sent_arrays())
+        if norm > self.max_update_norm:
+            raise ValueError(
+                f"update norm {norm:.4g} exceeds federation.max-update-norm "
+                f"{self.max_update_norm:g}: left out of the round"
+            )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         if self.update_norm_bound:
-            if self._sent is None:
-                raise RuntimeError("norm bounding needs the arrays sent: call configure_train")
+            sent = self._sent_arrays()
             for msg in replies:
                 record = msg.content[self.arrayrecord_key]
                 bounded, norm = bound_update(
-                    {k: a.numpy() for k, a in record.items()}, self._sent, self.update_norm_bound
+                    {k: a.numpy() for k, a in record.items()}, sent, self.update_norm_bound
                 )
                 if norm > self.update_norm_bound:
                     log.info(

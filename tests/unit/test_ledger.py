@@ -1,5 +1,6 @@
 """The site's privacy ledger: on disk, cumulative across runs and restarts, readable by
-`fedhaven ledger show`."""
+`fedhaven ledger show`; and the noisy label prior the site keeps beside it, released once per
+run even across a coordinator crash and resume."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from fedhaven import protocol
 from fedhaven.client.app import (
     DELTA,
     EPSILON_BUDGET,
+    LABEL_PRIOR,
+    PRIVACY_STATE,
     STATE_DIR,
     handle_train,
     make_client_app,
@@ -26,7 +29,8 @@ from fedhaven.client.app import (
 from fedhaven.config import Config
 from fedhaven.errors import FedhavenError
 from fedhaven.models import adapter_state, build_model
-from fedhaven.privacy import LEDGER_FILE, Ledger, epsilon_of
+from fedhaven.privacy import LEDGER_FILE, PRIOR_FILE, Ledger, PriorStore, epsilon_of, run_identity
+from fedhaven.server.app import RESUME_MAY_CHANGE
 from fedhaven.training import round_releases
 
 
@@ -110,8 +114,10 @@ def test_a_restarted_site_continues_from_its_ledger(tiny_cfg: Config, tmp_path: 
         fresh = RDPAccountant()
         fresh.history = history[:upto]
         assert entry["epsilon"] == pytest.approx(fresh.get_epsilon(delta=cfg.privacy.delta))
-    # the label histogram is a release too, recorded with the round that made it
+    # the label histogram is a release too, recorded with the round that made it: once,
+    # though each round's Context is fresh (the prior comes back from the site's disk)
     assert entries[0]["releases"][0] == [cfg.privacy.prior_noise, 1.0, 1]
+    assert [len(e["releases"]) for e in entries] == [2, 1, 1]
 
 
 def _ledger_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -259,5 +265,125 @@ def test_the_ledger_entry_is_on_disk_before_the_reply_is_sent(
         app(instruction(cfg, 1), _site(tmp_path))
     ((entries_at_send, epsilon),) = seen
     assert entries_at_send == 1
+    assert PriorStore(tmp_path).load(cfg, run_id=7) is not None  # the prior too, before it left
     (entry,) = Ledger(tmp_path).entries()  # the spent budget stays spent
     assert entry["epsilon"] == epsilon and entry["round"] == 1
+
+
+# --- the label prior on the site's disk ----------------------------------------------------
+
+
+def _prior_released(entry: dict) -> bool:
+    return any(r[1:] == [1.0, 1] for r in entry["releases"])  # the histogram: rate 1, 1 step
+
+
+@pytest.mark.usefixtures("flower_identity")
+@pytest.mark.parametrize(
+    ("second_run", "run_id", "reused"),
+    [
+        # a coordinator crash, then federation.resume: a new Flower run of the same run
+        (
+            {
+                "federation.resume": True,
+                "federation.out-dir": "moved-run-dir",
+                "federation.round-timeout": 60.0,
+            },
+            8,
+            True,
+        ),
+        ({}, 7, True),  # the same Flower run: the site process restarted
+        ({}, 8, False),  # a new run of the same config, not a resume
+        ({"federation.resume": True, "federation.out-dir": "d", "train.seed": 1}, 8, False),
+    ],
+    ids=["resumed", "site-restarted", "new-run", "resumed-other-config"],
+)
+def test_the_stored_prior_is_reused_by_the_same_run_only(
+    tiny_cfg: Config, tmp_path: Path, second_run: dict, run_id: int, reused: bool
+) -> None:
+    cfg = tiny_cfg.replace(**{"privacy.enabled": True})
+    handle_train(instruction(cfg, 1), _site(tmp_path), cfg.to_flat())
+    store = PriorStore(tmp_path)
+    first = store.load(cfg, run_id=7)
+    assert first is not None and len(first) == 3 and sum(first) == pytest.approx(1.0)
+    # a fresh Context: the node's run memory is gone, its disk is not
+    again = cfg.replace(**second_run)
+    context = Context(
+        run_id=run_id,
+        node_id=1,
+        node_config=_site(tmp_path).node_config,
+        state=RecordDict(),
+        run_config={},
+    )
+    reply = handle_train(instruction(again, 2), context, again.to_flat())
+    assert not reply.has_error()
+    entries = Ledger(tmp_path).entries()
+    assert [_prior_released(e) for e in entries] == [True, not reused]
+    # ε after round 2 counts exactly the releases made: one histogram, or two
+    history = [tuple(r) for e in entries for r in e["releases"]]
+    assert entries[-1]["epsilon"] == pytest.approx(epsilon_of(history, cfg.privacy.delta))
+    now = store.load(again, run_id=run_id)
+    assert (now == first) is reused  # a new release replaced the stored prior
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_a_site_without_a_state_dir_keeps_the_prior_in_memory_only(
+    tiny_cfg: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = tiny_cfg.replace(**{"privacy.enabled": True})
+    monkeypatch.chdir(tmp_path)
+    context = Context(
+        run_id=7,
+        node_id=1,
+        node_config={"partition-id": 0, "num-partitions": 2},
+        state=RecordDict(),
+        run_config={},
+    )
+    handle_train(instruction(cfg, 1), context, cfg.to_flat())
+    assert LABEL_PRIOR in context.state[PRIVACY_STATE]
+    assert list(tmp_path.rglob(PRIOR_FILE)) == []
+
+
+def test_the_run_identity_ignores_exactly_what_a_resume_may_change(tiny_cfg: Config) -> None:
+    changed = {
+        "federation.resume": True,
+        "federation.round-timeout": 5.0,
+        "federation.out-dir": "elsewhere",
+    }
+    assert set(changed) == set(RESUME_MAY_CHANGE)  # a new one: add it here and to run_identity
+    base = run_identity(tiny_cfg)
+    assert run_identity(tiny_cfg.replace(**changed)) == base
+    for key, value in {"train.seed": 1, "privacy.prior-noise": 4.0, "federation.rounds": 9}.items():
+        assert run_identity(tiny_cfg.replace(**{key: value})) != base, key
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"run_identity": "x", "run_id": 7, "prior": [0.5, 0.5',  # torn
+        '{"run_id": 7, "prior": [0.5, 0.5]}',  # no run identity
+        '{"run_identity": "x", "run_id": 7, "prior": [0.5, -0.5]}',  # not a distribution
+        '{"run_identity": "x", "run_id": 7, "prior": [true, 0.5]}',
+        '{"run_identity": "x", "run_id": 7, "prior": []}',
+        "[1, 2]",
+    ],
+)
+def test_a_corrupt_stored_prior_is_a_one_line_error_naming_the_file_and_the_fix(
+    tiny_cfg: Config, tmp_path: Path, text: str
+) -> None:
+    (tmp_path / PRIOR_FILE).write_text(text)
+    with pytest.raises(FedhavenError) as e:
+        PriorStore(tmp_path).load(tiny_cfg, run_id=7)
+    message = str(e.value)
+    assert "\n" not in message
+    assert str(tmp_path / PRIOR_FILE) in message and "is corrupt" in message
+    assert "delete it" in message
+
+
+def test_saving_replaces_the_file_whole_and_leaves_no_temporary(
+    tiny_cfg: Config, tmp_path: Path
+) -> None:
+    store = PriorStore(tmp_path / "state")  # the folder is created on the first save
+    store.save(tiny_cfg, 7, [0.25, 0.25, 0.5])
+    store.save(tiny_cfg, 7, [0.5, 0.25, 0.25])
+    assert store.load(tiny_cfg, run_id=7) == [0.5, 0.25, 0.25]
+    assert [p.name for p in (tmp_path / "state").iterdir()] == [PRIOR_FILE]
