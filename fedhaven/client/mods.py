@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 
-from flwr.app import Context, Error, Message, MessageType
+from flwr.app import ArrayRecord, Context, Error, Message, MessageType
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
 from fedhaven import protocol
+from fedhaven.models import at_rank, lora_rank
 
 log = logging.getLogger(__name__)
 
@@ -17,8 +18,9 @@ log = logging.getLogger(__name__)
 def allowlist_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
     """Let a reply leave the site only if it holds nothing outside the allow-list.
 
-    Train replies: exactly the adapter tensors the coordinator sent (same keys and shapes),
-    plus allow-listed metrics; evaluate replies: allow-listed metrics only. Anything else
+    Train replies: exactly the adapter tensors the coordinator sent (same keys and shapes; the
+    LoRA pairs may all come at one lower rank, a flexlora site's own), plus allow-listed
+    metrics; evaluate replies: allow-listed metrics only. Anything else
     becomes an error reply that carries the reason and none of the content.
     """
     reply = call_next(msg, ctxt)
@@ -27,6 +29,11 @@ def allowlist_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> 
     train = msg.metadata.message_type == MessageType.TRAIN
     sent = msg.content.get(protocol.ARRAYS)
     expected = protocol.shapes(sent) if train and sent else None
+    arrays = reply.content.get(protocol.ARRAYS)
+    if expected is not None and isinstance(arrays, ArrayRecord):
+        rank, sent_rank = lora_rank(protocol.shapes(arrays)), lora_rank(expected)
+        if rank is not None and sent_rank is not None and 1 <= rank < sent_rank:
+            expected = at_rank(expected, rank)  # never more numbers than were sent
     try:
         protocol.check_reply(reply.content, train=train, expected=expected)
     except ValueError as e:

@@ -9,6 +9,7 @@ from fedhaven.strategies.fedmedian import FedMedian
 from fedhaven.strategies.fedprox import FedProx
 from fedhaven.strategies.fedyogi import FedYogi
 from fedhaven.strategies.ffa import FFA
+from fedhaven.strategies.flexlora import FlexLoRA
 from fedhaven.strategies.krum import Krum
 from fedhaven.strategies.trimmedavg import TrimmedAvg
 
@@ -22,6 +23,7 @@ STRATEGIES: dict[str, type[Validated]] = {
     "fedmedian": FedMedian,
     "trimmedavg": TrimmedAvg,
     "krum": Krum,
+    "flexlora": FlexLoRA,
 }
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "FedMedian",
     "FedProx",
     "FedYogi",
+    "FlexLoRA",
     "Krum",
     "TrimmedAvg",
     "Validated",

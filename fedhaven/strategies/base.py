@@ -9,8 +9,9 @@
   requires them equal, so one such reply would otherwise end the run);
 * each site's own metrics (examples, ε, validation accuracy) and the bytes moved are kept
   per round, for the run report — Flower only keeps the weighted averages;
-* each site's update can be norm-bounded (:mod:`fedhaven.strategies.norm_bound`), after
-  validation and before the rule;
+* a reply whose update is longer than ``federation.max-update-norm`` is rejected like an
+  invalid one, after validation; each remaining update can be norm-bounded
+  (:mod:`fedhaven.strategies.norm_bound`) before the rule;
 * with ``stop_below_minimum`` (the ServerApp sets it), a training round in which fewer than
   ``min_train_nodes`` updates pass (the run's ``federation.min-sites``, capped at
   ``federation.sites``) stops the run with a :class:`~fedhaven.errors.FedhavenError`
@@ -59,7 +60,13 @@ class Validated(NormBounded):
         self.stop_below_minimum = stop_below_minimum
         self._expected: dict[str, tuple[int, ...]] = {}
         self._sent_bytes = 0
+        # node -> (shapes, bytes) of the tensors sent to it this round: a rule may send each
+        # node its own (flexlora: factors at the node's LoRA rank)
+        self._sent_to: dict[int, tuple[dict[str, tuple[int, ...]], int]] = {}
         self._sampled: tuple[int, list[int]] = (0, [])  # (round, nodes sent instructions)
+        # (round, the replies screen_train passed): a wrapper that screens a round before its
+        # own work hands these on, and aggregate_train does not screen them again
+        self._screened: tuple[int, list[Message]] | None = None
         self._seen: set[int] = set()  # nodes sampled in any round so far
         #: round -> node id -> {MessageType.TRAIN / EVALUATE: metrics of that site's reply}
         self.site_metrics: dict[int, dict[int, dict[str, dict[str, Any]]]] = {}
@@ -82,6 +89,13 @@ class Validated(NormBounded):
         self._expected = protocol.shapes(arrays)
         self._sent_bytes = protocol.record_nbytes(arrays)
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        measured: dict[int, tuple[dict[str, tuple[int, ...]], int]] = {}
+        self._sent_to = {}
+        for m in messages:  # most rules send every node the same record: measure it once
+            record = m.content[self.arrayrecord_key]
+            if id(record) not in measured:
+                measured[id(record)] = (protocol.shapes(record), protocol.record_nbytes(record))
+            self._sent_to[m.metadata.dst_node_id] = measured[id(record)]
         nodes = [m.metadata.dst_node_id for m in messages]
         self._sampled = (server_round, nodes)
         new = sorted(set(nodes) - self._seen)
@@ -93,9 +107,16 @@ class Validated(NormBounded):
         if self.audit is not None:
             self.audit.record(event, **fields)
 
+    def expected_shapes(self, msg: Message) -> dict[str, tuple[int, ...]] | None:
+        """The shapes a train reply must have: those of the tensors sent to its node
+        (``None``: not checked, before any ``configure_train``)."""
+        sent = self._sent_to.get(msg.metadata.src_node_id)
+        return sent[0] if sent is not None else (self._expected or None)
+
     def _check(self, msg: Message, train: bool) -> None:
         """Raise ``ValueError`` if the reply must not go into the round."""
-        protocol.check_reply(msg.content, train=train, expected=self._expected or None)
+        expected = self.expected_shapes(msg) if train else None
+        protocol.check_reply(msg.content, train=train, expected=expected)
         if not train:
             return
         metrics = msg.content[protocol.METRICS]
@@ -108,6 +129,7 @@ class Validated(NormBounded):
         for k, a in msg.content[protocol.ARRAYS].items():
             if not np.isfinite(a.numpy()).all():
                 raise ValueError(f"tensor '{k}' holds non-finite values")
+        self.check_update_norm(msg)  # a valid update, but too long: rejected, not clipped
 
     def _accept(self, server_round: int, replies: Iterable[Message], train: bool) -> list[Message]:
         kind = MessageType.TRAIN if train else MessageType.EVALUATE
@@ -212,12 +234,16 @@ class Validated(NormBounded):
     def screen_train(self, server_round: int, replies: list[Message]) -> list[Message]:
         """The training replies that may go into the round, with the round's bookkeeping
         (``site_metrics``, ``round_stats``, the audit log) done, and the run stopped if too
-        few pass. :meth:`aggregate_train` starts with it; a wrapper that skips this
-        strategy's ``aggregate_train`` for a round calls it so the round is still accounted."""
+        few pass. :meth:`aggregate_train` starts with it. A wrapper calls it first, before
+        it touches the replies (clips them, say), and hands :meth:`aggregate_train` the
+        replies it returned (or none at all): they are not screened twice."""
         accepted = self._accept(server_round, replies, train=True)
         # before the rule: Flower's FedMedian and FedTrimmedAvg pop the arrays from the replies
         self.round_stats[server_round] = {
-            "bytes_sent": self._sent_bytes * len(replies),
+            "bytes_sent": sum(
+                self._sent_to.get(m.metadata.src_node_id, ({}, self._sent_bytes))[1]
+                for m in replies
+            ),
             "bytes_received": sum(
                 protocol.record_nbytes(m.content[protocol.ARRAYS]) for m in accepted
             ),
@@ -226,12 +252,17 @@ class Validated(NormBounded):
         }
         self._unanswered(server_round, replies)
         self._require_minimum(server_round, replies, len(accepted))
+        self._screened = (server_round, accepted)
         return accepted
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accepted = self.screen_train(server_round, list(replies))
+        accepted = list(replies)
+        screened, self._screened = self._screened, None
+        if not _same(screened, server_round, accepted):  # not screened by a wrapper
+            accepted = self.screen_train(server_round, accepted)
+            self._screened = None
         if not accepted:
             return None, None
         return super().aggregate_train(server_round, accepted)
@@ -250,6 +281,15 @@ class Validated(NormBounded):
         # Validation metrics average over examples, whatever weighs the training updates
         # (under central DP every site's update counts the same).
         return self.evaluate_metrics_aggr_fn([m.content for m in accepted], protocol.NUM_EXAMPLES)
+
+
+def _same(
+    screened: tuple[int, list[Message]] | None, server_round: int, replies: list[Message]
+) -> bool:
+    """Whether ``replies`` are the very messages ``screened`` passed in ``server_round``."""
+    if screened is None or screened[0] != server_round or len(screened[1]) != len(replies):
+        return False
+    return all(a is b for a, b in zip(screened[1], replies, strict=True))
 
 
 class ServerOptimizer(FedOpt):

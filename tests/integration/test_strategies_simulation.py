@@ -5,7 +5,8 @@ One simulation takes ~40 s on 2 cores, so only rules whose code paths differ run
 fedprox (DP on: the proximal term's path under Opacus, and the key it sends), fedadam (server
 optimizer state across rounds), fedmedian with norm bounding (Flower pops the arrays from the
 replies; the bound needs the arrays sent), krum (selects one site's update), ffa under DP
-(LoRA's A frozen at every site: half the tensors on the wire). Left out, as they
+(LoRA's A frozen at every site: half the tensors on the wire), flexlora with sites at LoRA
+ranks 2, 4 and 8 (each gets, and sends, tensors of its own rank). Left out, as they
 share a path with one of these (each is covered by tests/unit/test_strategies.py): fedavg
 (tests/integration/test_simulation.py runs it), fedyogi (fedadam's), trimmedavg (fedmedian's).
 """
@@ -57,3 +58,40 @@ def test_rule_runs_a_simulation(
         assert r["bytes_sent"] == 3 * summary["bytes_per_site_round"]
         assert r["bytes_received"] == 3 * summary["bytes_per_site_round"]
         assert 0 <= r["global"]["macro_f1"] <= 1
+
+
+def test_flexlora_runs_a_simulation_with_mixed_ranks(
+    tmp_path: Path, tiny_flat: dict[str, object]
+) -> None:
+    from fedhaven import protocol
+    from fedhaven.client.app import with_site_rank
+    from fedhaven.config import LORA_RANK, from_flat
+    from fedhaven.models import adapter_state, build_model
+    from fedhaven.simulations import simulate
+
+    out = tmp_path / "run"
+    flat = {
+        **tiny_flat,
+        "federation.sites": 3,
+        "federation.strategy": "flexlora",
+        "privacy.enabled": False,
+        "federation.out-dir": str(out),
+    }
+    summary = simulate(flat, sites={LORA_RANK: "2,4,8"})
+    assert summary["rounds"] == 2 and len(summary["sites"]) == 3
+
+    def nbytes(rank: int) -> int:  # a site's adapter (LoRA at that rank, and the head)
+        cfg = with_site_rank(from_flat(flat), {LORA_RANK: rank})
+        return protocol.record_nbytes(protocol.to_record(adapter_state(build_model(cfg))))
+
+    own = nbytes(2) + nbytes(4) + nbytes(8)
+    rounds = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    # round 1: no site's rank known yet, each gets lora.r = 8; from round 2 its own
+    assert rounds[0]["bytes_sent"] == 3 * summary["bytes_per_site_round"] == 3 * nbytes(8)
+    assert rounds[1]["bytes_sent"] == own < 3 * nbytes(8)
+    for r in rounds:
+        assert r["sites_used"] == 3 and r["rejected"] == 0
+        assert r["bytes_received"] == own  # every site answers at its own rank
+        assert 0 <= r["global"]["macro_f1"] <= 1
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 8
