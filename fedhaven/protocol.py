@@ -36,6 +36,18 @@ STEPS = "steps"
 LOSS = "loss"
 ACCURACY = "accuracy"
 MACRO_F1 = "macro-f1"
+PERPLEXITY = "perplexity"
+EXACT_MATCH = "exact-match"
+TOKEN_F1 = "token-f1"
+#: A task's evaluation metric names (``Task.metrics``) -> the keys a site sends them under.
+METRIC_KEYS = {
+    "loss": LOSS,
+    "accuracy": ACCURACY,
+    "macro_f1": MACRO_F1,
+    "perplexity": PERPLEXITY,
+    "exact_match": EXACT_MATCH,
+    "token_f1": TOKEN_F1,
+}
 # 1 per site: central DP's FedAvg weighs by it, as its sensitivity bound needs every site to
 # count the same (num-examples weights would let a large site move the model further).
 SITE_WEIGHT = "site-weight"
@@ -60,7 +72,7 @@ TRAIN_METRICS = frozenset(
         DATA_FINGERPRINT,
     }
 )
-EVALUATE_METRICS = frozenset({NUM_EXAMPLES, LOSS, ACCURACY, MACRO_F1})
+EVALUATE_METRICS = frozenset({NUM_EXAMPLES, *METRIC_KEYS.values()})
 
 #: Error code of a site's deliberate refusal (its privacy budget): Flower's codes are < 100.
 REFUSED = 100

@@ -66,10 +66,32 @@ def per_class(confusion: list[list[int]], labels: list[str]) -> list[dict[str, A
     ]  # fmt: skip
 
 
-def _plot_global(rounds: list[dict[str, Any]], path: Path) -> None:
+#: What runs written before tasks existed (text classification) evaluated.
+_CLASSIFICATION_METRICS = ["loss", "accuracy", "macro_f1"]
+_TASK_NAMES = {
+    "seq-cls": "text classification",
+    "image-cls": "image classification",
+    "causal-lm": "instruction tuning (causal LM)",
+}
+
+
+def _metrics(summary: dict[str, Any]) -> list[str]:
+    return summary.get("metrics", _CLASSIFICATION_METRICS)
+
+
+def _scores(summary: dict[str, Any]) -> list[str]:
+    """The metrics in [0, 1] (plotted and tabled per site): all but loss and perplexity."""
+    return [m for m in _metrics(summary) if m not in ("loss", "perplexity")]
+
+
+def _title(metric: str) -> str:
+    return {"macro_f1": "macro-F1", "token_f1": "token-F1"}.get(metric, metric.replace("_", " "))
+
+
+def _plot_global(rounds: list[dict[str, Any]], scores: list[str], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     x = [r["round"] for r in rounds]
-    for key in ("accuracy", "macro_f1"):
+    for key in scores:
         ax.plot(x, [r["global"][key] for r in rounds], marker="o", label=key.replace("_", "-"))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="round", ylabel="held-out set", ylim=(0, 1), title="global model")
@@ -79,9 +101,11 @@ def _plot_global(rounds: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_sites(rounds: list[dict[str, Any]], names: dict[str, str], path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
-    for ax, key in zip(axes, ("accuracy", "macro_f1"), strict=True):
+def _plot_sites(
+    rounds: list[dict[str, Any]], names: dict[str, str], scores: list[str], path: Path
+) -> None:
+    fig, axes = plt.subplots(1, len(scores), figsize=(5 * len(scores), 3.5), sharey=True)
+    for ax, key in zip(np.atleast_1d(axes), scores, strict=True):
         for node, name in names.items():
             pts = [
                 (r["round"], r["sites"][node][key])
@@ -91,8 +115,8 @@ def _plot_sites(rounds: list[dict[str, Any]], names: dict[str, str], path: Path)
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=name)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set(xlabel="round", title=f"site validation {key.replace('_', '-')}", ylim=(0, 1))
-    axes[0].legend(fontsize="small")
+        ax.set(xlabel="round", title=f"site validation {_title(key)}", ylim=(0, 1))
+    np.atleast_1d(axes)[0].legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -140,15 +164,24 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _final(g: dict[str, Any], metrics: list[str]) -> str:
+    """``Accuracy 0.812, macro-F1 0.640, loss 0.512.``: the final model's metrics."""
+    text = ", ".join(f"{_title(m)} {g[m]:.3f}" for m in metrics)
+    return text[0].upper() + text[1:] + "."
+
+
 def _markdown(summary: dict[str, Any], rounds: list[dict[str, Any]], names: dict[str, str]) -> str:
     cfg, g, labels = summary["config"], summary["global"], summary["labels"]
+    metrics, scores = _metrics(summary), _scores(summary)
     central = summary.get("central_dp")
+    task = _TASK_NAMES[cfg.get("model.task", "seq-cls")]
     lines = [
         "# Run report",
         "",
         f"{summary['rounds']} rounds, {len(names)} sites ({summary.get('engine', '?')}), "
-        f"model `{cfg['model.path']}` + LoRA r={cfg['lora.r']}, labels {', '.join(labels)}. "
-        f"Wall time {summary['wall_s']:.0f} s.",
+        f"{task}, model `{cfg['model.path']}` + LoRA r={cfg['lora.r']}"
+        + (f", labels {', '.join(labels)}" if labels else "")
+        + f". Wall time {summary['wall_s']:.0f} s.",
         "",
         "## Privacy",
         "",
@@ -169,15 +202,17 @@ def _markdown(summary: dict[str, Any], rounds: list[dict[str, Any]], names: dict
         "",
         "## Rounds",
         "",
-        "| round | wall s | accuracy | macro-F1 | loss | max site ε | central ε | sites used "
-        "| rejected | bytes received |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| round | wall s | "
+        + " | ".join(_title(m) for m in [*scores, *(m for m in metrics if m not in scores)])
+        + " | max site ε | central ε | sites used | rejected | bytes received |",
+        "|---|---|" + "---|" * len(metrics) + "---|---|---|---|---|",
     ]
     for r in rounds:
+        values = [r["global"][m] for m in [*scores, *(m for m in metrics if m not in scores)]]
         lines.append(
-            f"| {r['round']} | {r['wall_s']:.1f} | {r['global']['accuracy']:.3f} "
-            f"| {r['global']['macro_f1']:.3f} | {r['global']['loss']:.3f} "
-            f"| {_fmt(r['max_epsilon'], 2)} | {_fmt(r.get('central_epsilon'), 2)} "
+            f"| {r['round']} | {r['wall_s']:.1f} | "
+            + " | ".join(f"{v:.3f}" for v in values)
+            + f" | {_fmt(r['max_epsilon'], 2)} | {_fmt(r.get('central_epsilon'), 2)} "
             f"| {r.get('sites_used', '-')} | {r.get('rejected', '-')} "
             f"| {r.get('bytes_received', '-')} |"
         )
@@ -187,16 +222,19 @@ def _markdown(summary: dict[str, Any], rounds: list[dict[str, Any]], names: dict
         "",
         "## Sites",
         "",
-        "| site | node | examples | val accuracy | val macro-F1 | ε | last round |",
-        "|---|---|---|---|---|---|---|",
+        "| site | node | examples | "
+        + " | ".join(f"val {_title(m)}" for m in scores)
+        + " | ε | last round |",
+        "|---|---|---|" + "---|" * len(scores) + "---|---|",
     ]
     for node, name in names.items():
         s = summary["sites"].get(node)
         if s is None:
             continue
         lines.append(
-            f"| {name} | {node} | {s['examples']} | {_fmt(s['accuracy'])} "
-            f"| {_fmt(s['macro_f1'])} | {_fmt(s['epsilon'], 2)} | {s['last_round']} |"
+            f"| {name} | {node} | {s['examples']} | "
+            + " | ".join(_fmt(s.get(m)) for m in scores)
+            + f" | {_fmt(s['epsilon'], 2)} | {s['last_round']} |"
         )
     lines += [
         "",
@@ -206,20 +244,18 @@ def _markdown(summary: dict[str, Any], rounds: list[dict[str, Any]], names: dict
         "",
         "## Final model on the held-out set",
         "",
-        f"Accuracy {g['accuracy']:.3f}, macro-F1 {g['macro_f1']:.3f}, loss {g['loss']:.3f}.",
+        _final(g, metrics),
         "",
-        "| class | precision | recall | F1 | support |",
-        "|---|---|---|---|---|",
     ]
-    for c in per_class(g["confusion"], labels):
-        lines.append(
-            f"| {c['label']} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} "
-            f"| {c['support']} |"
-        )
+    if "confusion" in g:
+        lines += ["| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+        for c in per_class(g["confusion"], labels):
+            lines.append(
+                f"| {c['label']} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} "
+                f"| {c['support']} |"
+            )
+        lines += ["", "![confusion](plots/confusion.png)", ""]
     lines += [
-        "",
-        "![confusion](plots/confusion.png)",
-        "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in summary["versions"].items()) + ".",
         "",
     ]
@@ -235,14 +271,20 @@ def model_card(summary: dict[str, Any]) -> str:
     cfg, g, labels = summary["config"], summary["global"], summary["labels"]
     central = summary.get("central_dp")
     sites = summary["sites"]
+    task = cfg.get("model.task", "seq-cls")
+    what = {
+        "seq-cls": f"text classification into {', '.join(labels or [])} "
+        f"({cfg['model.pooling']} pooling + linear head)",
+        "image-cls": f"image classification into {', '.join(labels or [])}",
+        "causal-lm": "instruction tuning of a causal LM (loss on the response tokens)",
+    }[task]
     names = {node: f"site {i}" for i, node in enumerate(sorted(sites, key=int), start=1)}
     lines = [
         "# Model card",
         "",
         "## Model",
         "",
-        f"- Base model: `{cfg['model.path']}`; task: text classification into "
-        f"{', '.join(labels)} ({cfg['model.pooling']} pooling + linear head).",
+        f"- Base model: `{cfg['model.path']}`; task `{task}`: {what}.",
         f"- Adapter: LoRA r={cfg['lora.r']}, alpha={cfg['lora.alpha']}, dropout "
         f"{cfg['lora.dropout']}, on `{cfg['lora.target-modules']}` of layers "
         f"`{cfg['lora.layers'] or 'all'}`; trained in full: `{cfg['lora.modules-to-save']}`.",
@@ -287,9 +329,14 @@ def model_card(summary: dict[str, Any]) -> str:
         "",
         "## Evaluation (held-out set, final model)",
         "",
-        f"Accuracy {g['accuracy']:.3f}, macro-F1 {g['macro_f1']:.3f}; per class F1: "
-        + ", ".join(f"{n} {f:.2f}" for n, f in zip(labels, g["per_class_f1"], strict=True))
-        + ".",
+        _final(g, _metrics(summary))
+        + (
+            " Per class F1: "
+            + ", ".join(f"{n} {f:.2f}" for n, f in zip(labels, g["per_class_f1"], strict=True))
+            + "."
+            if "per_class_f1" in g
+            else ""
+        ),
         "",
         "## Software",
         "",
@@ -306,10 +353,11 @@ def write_report(run_dir: str | Path) -> Path:
     names = _site_names(rounds)
     plots = d / PLOTS_DIR
     plots.mkdir(exist_ok=True)
-    _plot_global(rounds, plots / "global.png")
-    _plot_sites(rounds, names, plots / "sites.png")
+    _plot_global(rounds, _scores(summary), plots / "global.png")
+    _plot_sites(rounds, names, _scores(summary), plots / "sites.png")
     _plot_epsilon(rounds, names, plots / "epsilon.png")
-    _plot_confusion(summary["global"]["confusion"], summary["labels"], plots / "confusion.png")
+    if "confusion" in summary["global"]:
+        _plot_confusion(summary["global"]["confusion"], summary["labels"], plots / "confusion.png")
     report = d / REPORT_FILE
     report.write_text(_markdown(summary, rounds, names))
     if (d / ADAPTER_DIR).is_dir():

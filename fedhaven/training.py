@@ -11,14 +11,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from sklearn.metrics import confusion_matrix, f1_score
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.hooks import RemovableHandle
 
 from fedhaven.config import Config
 from fedhaven.privacy import label_prior as private_label_prior
 from fedhaven.privacy import make_private, noise_for_budget, private_generator, sample_rate
+from fedhaven.tasks import get_task
 
 
 @dataclass
@@ -82,6 +81,12 @@ def _check_weights_moved(model: torch.nn.Module, before: dict[str, torch.Tensor]
         )
 
 
+def logit_adjustment(cfg: Config) -> float:
+    """τ of the logit-adjusted loss: ``train.logit-adjustment`` for classification tasks
+    (which have a label prior), 0 for the others."""
+    return cfg.train.logit_adjustment if get_task(cfg).classification else 0.0
+
+
 def round_releases(
     cfg: Config, num_examples: int, *, release_prior: bool
 ) -> list[tuple[float, float, int]]:
@@ -91,7 +96,7 @@ def round_releases(
     """
     steps = steps_per_round(num_examples, cfg)
     rate = sample_rate(num_examples, min(cfg.train.batch_size, num_examples))
-    prior = [(cfg.privacy.prior_noise, 1.0, 1)] if cfg.train.logit_adjustment else []
+    prior = [(cfg.privacy.prior_noise, 1.0, 1)] if logit_adjustment(cfg) else []
     sigma = noise_for_budget(cfg.privacy, rate, steps * cfg.federation.rounds, tuple(prior))
     return [*(prior if release_prior else []), (sigma, rate, steps)]
 
@@ -148,12 +153,14 @@ def train_round(
     weights (w_start: the weights this round starts from, the global model's).
     """
     device = next(model.parameters()).device
+    task = get_task(cfg)
     steps = steps_per_round(len(data), cfg)
     if cfg.privacy.enabled:  # sampling and histogram noise must not be replayable
         generator = private_generator()
     else:
         generator = torch.Generator().manual_seed(cfg.train.seed + server_round)
-    tau = cfg.train.logit_adjustment
+    tau = logit_adjustment(cfg)
+    adjust = None
     prior_sigma = cfg.privacy.prior_noise if cfg.privacy.enabled else None
     planned, released = (), ()
     if tau:
@@ -161,7 +168,7 @@ def train_round(
             planned = ((prior_sigma, 1.0, 1),)  # part of the run's budget in every round
         if label_prior is None:
             prior, release = private_label_prior(
-                data.tensors[2], len(cfg.data.label_names), prior_sigma, generator
+                data.tensors[-1], len(cfg.data.label_names), prior_sigma, generator
             )
             label_prior = prior.tolist()
             released = (release,) if release else ()
@@ -196,9 +203,9 @@ def train_round(
     losses: list[float] = []
     step_seconds: list[float] = []
     while len(losses) < steps:
-        for input_ids, attention_mask, labels in loader:
+        for *inputs, target in loader:
             t = time.perf_counter()
-            if len(labels) == 0:  # Poisson sampling drew nobody (DP only: plain batches never
+            if len(target) == 0:  # Poisson sampling drew nobody (DP only: plain batches never
                 # are empty). DP-SGD still takes the step: noise only, and accounted for —
                 # skipping it would reveal that the batch was empty.
                 _noise_only_step(model, optimizer)
@@ -209,11 +216,10 @@ def train_round(
                 continue
             optimizer.zero_grad(set_to_none=True)
             logits = forward(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
+                **{k: v.to(device) for k, v in zip(task.inputs, inputs, strict=True)}
             ).logits
-            if tau:
-                logits = logits + adjust  # train only: predictions use the raw logits
-            loss = F.cross_entropy(logits, labels.to(device))
+            # adjust: train only, predictions use the raw logits
+            loss = task.loss(logits, target.to(device), adjust)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
@@ -239,35 +245,7 @@ def train_round(
     return result
 
 
-@torch.no_grad()
 def evaluate(model: torch.nn.Module, data: TensorDataset, cfg: Config) -> dict[str, Any]:
-    """Loss, accuracy, macro-F1 (first: the demo set is imbalanced), per-class F1, confusion."""
-    num_labels = len(cfg.data.label_names)
-    if len(data) == 0:
-        return {"num_examples": 0}
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    preds, golds, loss_sum = [], [], 0.0
-    for input_ids, attention_mask, labels in DataLoader(data, batch_size=cfg.train.eval_batch_size):
-        logits = model(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
-        ).logits
-        loss_sum += F.cross_entropy(logits, labels.to(device), reduction="sum").item()
-        preds.append(logits.argmax(-1).cpu())
-        golds.append(labels)
-    model.train(was_training)
-    y_pred, y_true = torch.cat(preds).numpy(), torch.cat(golds).numpy()
-    classes = list(range(num_labels))
-    return {
-        "num_examples": len(y_true),
-        "loss": loss_sum / len(y_true),
-        "accuracy": float((y_pred == y_true).mean()),
-        "macro_f1": float(
-            f1_score(y_true, y_pred, labels=classes, average="macro", zero_division=0)
-        ),
-        "per_class_f1": f1_score(
-            y_true, y_pred, labels=classes, average=None, zero_division=0
-        ).tolist(),
-        "confusion": confusion_matrix(y_true, y_pred, labels=classes).tolist(),
-    }
+    """The task's evaluation metrics (classification: loss, accuracy, macro-F1 first — the
+    demo set is imbalanced —, per-class F1, confusion)."""
+    return get_task(cfg).evaluate(model, data)

@@ -24,11 +24,12 @@ from typing import Any
 import optuna
 import sqlalchemy.exc
 from optuna.trial import TrialState
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedhaven.config import Config, Scalar, from_flat
 from fedhaven.errors import FedhavenError
 from fedhaven.report import METRICS_FILE
-from fedhaven.server.app import validation_macro_f1 as round_validation_macro_f1
+from fedhaven.server.app import validation_score
 from fedhaven.simulations import preflight, simulate
 
 log = logging.getLogger(__name__)
@@ -63,16 +64,15 @@ def default_space(trial: optuna.Trial) -> dict[str, Scalar]:
     }
 
 
-def validation_macro_f1(run_dir: Path) -> float | None:
-    """The last round's site-validation macro-F1, weighted by each site's validation examples.
-
-    ``None`` when no site reported a validation score in that round.
+def validation_macro_f1(run_dir: Path, metric: str = "macro_f1") -> float | None:
+    """The last round's site-validation macro-F1 (or the task's primary ``metric``), weighted
+    by each site's validation examples. ``None`` when no site reported it in that round.
     """
     path = Path(run_dir) / METRICS_FILE
     lines = path.read_text().splitlines() if path.is_file() else []
     if not lines:
         return None
-    return round_validation_macro_f1(json.loads(lines[-1])["sites"])
+    return validation_score(json.loads(lines[-1])["sites"], metric)
 
 
 def _canonical(base: Mapping[str, Any]) -> dict[str, Scalar]:
@@ -134,6 +134,13 @@ def _row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     }
 
 
+def _progress_bar(show: bool) -> Progress:
+    """Trials done and the current trial's rounds, live on a terminal; transient, so what
+    stays on screen is the caller's per-trial lines."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    return Progress(*columns, TimeElapsedColumn(), transient=True, disable=not show)
+
+
 def _toml_value(v: Scalar) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -167,6 +174,7 @@ def tune(
     space: Space = default_space,
     progress: TrialProgressFn | None = None,
     verbose: bool = False,
+    show_progress: bool = True,
 ) -> dict[str, Any]:
     """Run ``trials`` more trials of the study and write ``<out>/best.toml``.
 
@@ -174,7 +182,8 @@ def tune(
     ``<out>/trial-<n>``. A :class:`FedhavenError` from a trial (a bad base config) ends the
     search; any other error fails that trial only. Returns the best value and params, the
     best config's path, the number of complete trials, the study, its storage and every
-    trial's row (``history``).
+    trial's row (``history``). ``show_progress``: a progress bar of the trials and of the
+    current trial's rounds (a trial is a whole federation: minutes on a CPU).
     """
     if trials < 1:
         raise FedhavenError(f"--trials {trials} runs nothing: give at least 1")
@@ -187,7 +196,10 @@ def tune(
     storage = Path(storage).absolute() if storage else out / STORAGE_FILE
     level = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
+    bar = _progress_bar(show_progress)
+    trials_bar = bar.add_task("trials", total=trials)
     try:
+        bar.start()
         study = _open_study(storage, study_name, canonical)
         # A fixed seed would replay the first run's random start-up points on resume:
         # offset it by the trials already in the study.
@@ -196,13 +208,19 @@ def tune(
             trial = study.ask()
             run_dir = out / f"trial-{trial.number}"
             trial.set_user_attr("run_dir", str(run_dir))
+            rounds_bar = bar.add_task(f"trial {trial.number}: rounds", total=cfg.federation.rounds)
             try:
                 overrides = space(trial)
+                flat = {**canonical, **overrides, OUT_DIR_KEY: str(run_dir)}
+                bar.update(rounds_bar, total=from_flat(flat).federation.rounds)
                 summary = simulate(
-                    {**canonical, **overrides, OUT_DIR_KEY: str(run_dir)}, verbose=verbose
+                    flat,
+                    verbose=verbose,
+                    progress=lambda line, t=rounds_bar: bar.update(t, completed=line["round"]),
                 )
-                trial.set_user_attr("test_macro_f1", summary["global"]["macro_f1"])
-                value = validation_macro_f1(run_dir)
+                metric = summary.get("primary_metric", "macro_f1")
+                trial.set_user_attr("test_macro_f1", summary["global"][metric])
+                value = validation_macro_f1(run_dir, metric)
                 if value is None or not math.isfinite(value):
                     raise RuntimeError("no site reported a validation macro-F1 in the last round")
             except (FedhavenError, KeyboardInterrupt):
@@ -216,9 +234,12 @@ def tune(
             else:
                 trial.set_user_attr("overrides", overrides)
                 study.tell(trial, value)
+            bar.remove_task(rounds_bar)
+            bar.advance(trials_bar)
             if progress:
                 progress(_row(study.trials[trial.number]))
     finally:
+        bar.stop()
         optuna.logging.set_verbosity(level)
 
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))

@@ -20,6 +20,7 @@ import functools
 import json
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from fedhaven.config import (
     DATA_PATH,
     DELTA,
     EPSILON_BUDGET,
+    LORA_RANK,
     NUM_PARTITIONS,
     PARTITION_ID,
     STATE_DIR,
@@ -43,8 +45,9 @@ from fedhaven.config import (
     from_flat,
 )
 from fedhaven.errors import FedhavenError
-from fedhaven.models import adapter_state, build_model, load_tokenizer, set_adapter_state
-from fedhaven.privacy import Ledger, Release, epsilon_of
+from fedhaven.models import adapter_state, build_model, refactor_lora, set_adapter_state
+from fedhaven.privacy import Ledger, PriorStore, Release, epsilon_of
+from fedhaven.tasks import get_task
 from fedhaven.training import default_device, evaluate, round_releases, train_round
 
 #: A simulated site's own node settings by partition id (the harness stands in for operators).
@@ -70,21 +73,63 @@ def node_settings(context: Context, sites: SiteSettings | None = None) -> dict[s
     return node
 
 
+def with_site_rank(cfg: Config, node: Mapping[str, Any]) -> Config:
+    """``cfg`` at the site's own LoRA rank (node config ``lora-rank``), where it sets one.
+
+    α moves with the rank (α·rank / lora.r) so that α/r, PEFT's scale of B·A, stays the
+    run's: the coordinator then adds up the sites' products unscaled
+    (:mod:`fedhaven.strategies.flexlora`).
+    """
+    if LORA_RANK not in node:
+        return cfg
+    raw, lora = node[LORA_RANK], cfg.lora
+    rank = raw if isinstance(raw, int) and not isinstance(raw, bool) else None
+    if isinstance(raw, str) and raw.strip().isdigit():
+        rank = int(raw)
+    if rank is None or rank < 1:
+        raise FedhavenError(
+            f"site setting '{LORA_RANK}' = {raw!r} is invalid: give the site's LoRA rank, "
+            "a whole number >= 1"
+        )
+    if rank == lora.r:
+        return cfg
+    if cfg.federation.strategy != "flexlora":
+        raise FedhavenError(
+            f"site setting '{LORA_RANK}' = {rank} differs from the run's lora.r = {lora.r}; "
+            "only federation.strategy=flexlora aggregates mixed ranks: drop the site's "
+            f"{LORA_RANK}, or run flexlora"
+        )
+    if rank > lora.r:
+        raise FedhavenError(
+            f"site setting '{LORA_RANK}' = {rank} is above the run's lora.r = {lora.r}: the "
+            "global adapter keeps rank lora.r, so the rest would be cut every round; use at "
+            f"most {lora.r}, or run with lora.r = {rank}"
+        )
+    alpha, rest = divmod(lora.alpha * rank, lora.r)
+    if rest:
+        raise FedhavenError(
+            f"site setting '{LORA_RANK}' = {rank}: keeping the run's scale lora.alpha / lora.r "
+            f"= {lora.alpha}/{lora.r} needs alpha {lora.alpha * rank / lora.r:g} at this "
+            "rank, not a whole number: run with lora.alpha a multiple of lora.r (e.g. 2·lora.r)"
+        )
+    return replace(cfg, lora=replace(lora, r=rank, alpha=alpha))
+
+
 @functools.lru_cache(maxsize=8)
 def _site_data(cfg: Config, node_key: tuple[Any, ...]) -> tuple[TensorDataset, TensorDataset, int]:
     # Cached per process: a Ray actor serves many rounds of the same sites.
     kind, value, num = node_key
+    task = get_task(cfg)
     if kind == DATA_PATH:
-        ds = fdata.load(value, cfg.data)
+        ds = task.load(value)
         train, val = fdata.split_train_val(ds, cfg.data.val_fraction, cfg.train.seed)
     else:
-        full = fdata.load(cfg.data.path, cfg.data)
+        full = task.load(cfg.data.path)
         train, val = fdata.simulated_sites(full, cfg.data, num, cfg.train.seed)[value]
-    tok = load_tokenizer(cfg.model.path)
     return (
-        fdata.tokenize(train, tok, cfg.model.max_length),
-        fdata.tokenize(val, tok, cfg.model.max_length),
-        fdata.fingerprint(train, val),
+        task.encode(train),
+        task.encode(val),
+        fdata.fingerprint([*task.rows(train), *task.rows(val)]),
     )
 
 
@@ -95,7 +140,7 @@ def _node_key(node: Mapping[str, Any]) -> tuple[Any, ...]:
 
 
 def site_data(cfg: Config, node: Mapping[str, Any]) -> tuple[TensorDataset, TensorDataset]:
-    """The site's (train, validation) rows, tokenized."""
+    """The site's (train, validation) rows, encoded for the task's model."""
     train, val, _ = _site_data(cfg, _node_key(node))
     return train, val
 
@@ -112,7 +157,10 @@ def site_audit_log(node: Mapping[str, Any]) -> AuditLog | None:
 
 def _global_model(cfg: Config, msg: Message):
     model = build_model(cfg, default_device())
-    set_adapter_state(model, protocol.from_record(msg.content[protocol.ARRAYS]))
+    state = protocol.from_record(msg.content[protocol.ARRAYS])
+    if cfg.federation.strategy == "flexlora":  # the global rank, until the coordinator knows ours
+        state = refactor_lora(state, cfg.lora.r)
+    set_adapter_state(model, state)
     return model
 
 
@@ -152,8 +200,8 @@ def handle_train(
     overrides: Mapping[str, Any],
     sites: SiteSettings | None = None,
 ) -> Message:
-    cfg = site_config(context, overrides)
     node = node_settings(context, sites)
+    cfg = with_site_rank(site_config(context, overrides), node)
     train, val = site_data(cfg, node)
     model = _global_model(cfg, msg)
     state = context.state.get(PRIVACY_STATE) or ConfigRecord()
@@ -163,9 +211,15 @@ def handle_train(
     ledger = Ledger(str(node[STATE_DIR])) if STATE_DIR in node else None
     audit = site_audit_log(node)
     history = ledger.history() if ledger is not None else None  # read the file once
+    # The run's label prior: in the node's run memory, else on the site's disk (a resumed
+    # run, or a restarted site, has lost that memory but must not release it again).
+    priors = PriorStore(str(node[STATE_DIR])) if STATE_DIR in node else None
+    prior = json.loads(str(state[LABEL_PRIOR])) if LABEL_PRIOR in state else None
+    if prior is None and priors is not None:
+        prior = priors.load(cfg, context.run_id)
     if EPSILON_BUDGET in node:  # before any training: a refused round touches nothing
         try:
-            check_budget(cfg, node, history, len(train), has_prior=LABEL_PRIOR in state)
+            check_budget(cfg, node, history, len(train), has_prior=prior is not None)
         except FedhavenError as e:
             # A deliberate answer, not a crash: an error reply naming spent and allowed ε.
             log.warning("round %d refused: %s", server_round, e)
@@ -186,7 +240,7 @@ def handle_train(
         cfg,
         server_round=server_round,
         accountant_state=accountant_state,
-        label_prior=json.loads(str(state[LABEL_PRIOR])) if LABEL_PRIOR in state else None,
+        label_prior=prior,
         proximal_mu=proximal_mu,
     )
     if ledger is not None and result.releases:
@@ -201,6 +255,9 @@ def handle_train(
             epsilon=float(result.epsilon or 0.0),
         )
     # Site-private state: never sent, kept for this site's next round of the run.
+    if priors is not None and prior is None and result.label_prior is not None:
+        # after the ledger counted its release, before the update (which used it) leaves
+        priors.save(cfg, context.run_id, result.label_prior)
     if result.label_prior is not None:
         state[LABEL_PRIOR] = json.dumps(result.label_prior)
     if result.accountant_state is not None:
@@ -239,16 +296,13 @@ def handle_evaluate(
     overrides: Mapping[str, Any],
     sites: SiteSettings | None = None,
 ) -> Message:
-    cfg = site_config(context, overrides)
-    _, val = site_data(cfg, node_settings(context, sites))
+    node = node_settings(context, sites)
+    cfg = with_site_rank(site_config(context, overrides), node)
+    _, val = site_data(cfg, node)
     ev = evaluate(_global_model(cfg, msg), val, cfg)
     metrics: dict[str, float] = {protocol.NUM_EXAMPLES: ev["num_examples"]}
     if ev["num_examples"]:
-        metrics |= {
-            protocol.LOSS: ev["loss"],
-            protocol.ACCURACY: ev["accuracy"],
-            protocol.MACRO_F1: ev["macro_f1"],
-        }
+        metrics |= {protocol.METRIC_KEYS[k]: ev[k] for k in get_task(cfg).metrics}
     content = protocol.evaluate_reply(metrics)
     return Message(content, reply_to=msg)
 

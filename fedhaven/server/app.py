@@ -22,7 +22,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from importlib.metadata import version
 from pathlib import Path
@@ -34,7 +34,6 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from fedhaven import auditlog, protocol
-from fedhaven import data as fdata
 from fedhaven.auditlog import AuditLog
 from fedhaven.config import Config, from_flat
 from fedhaven.errors import FedhavenError
@@ -42,7 +41,6 @@ from fedhaven.models import (
     adapter_state,
     build_model,
     full_model_bytes,
-    load_tokenizer,
     save_trained,
     set_adapter_state,
 )
@@ -54,6 +52,7 @@ from fedhaven.report import (
     write_report,
 )
 from fedhaven.strategies import STRATEGIES, Validated, central_dp
+from fedhaven.tasks import get_task
 from fedhaven.training import default_device, evaluate
 
 log = logging.getLogger(__name__)
@@ -103,11 +102,15 @@ def build_strategy(cfg: Config) -> Validated:
         min_evaluate_nodes=min(fed.min_sites, fed.sites) if fed.fraction_evaluate else 0,
         min_available_nodes=min(fed.min_sites, fed.sites),
         update_norm_bound=fed.update_norm_bound,
+        max_update_norm=fed.max_update_norm,
         **knobs.get(fed.strategy, {}),
     )
 
 
-def _site_rows(strategy: Validated, server_round: int) -> dict[str, dict[str, Any]]:
+def _site_rows(
+    strategy: Validated, server_round: int, metrics: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """Each site's own numbers of a round; ``metrics``: the task's validation metrics."""
     rows = {}
     for node, kinds in sorted(strategy.site_metrics.get(server_round, {}).items()):
         train, ev = kinds.get(MessageType.TRAIN, {}), kinds.get(MessageType.EVALUATE, {})
@@ -116,21 +119,20 @@ def _site_rows(strategy: Validated, server_round: int) -> dict[str, dict[str, An
             "epsilon": train.get(protocol.EPSILON),
             "train_loss": train.get(protocol.TRAIN_LOSS),
             "val_examples": int(ev.get(protocol.NUM_EXAMPLES, 0)),
-            "accuracy": ev.get(protocol.ACCURACY),
-            "macro_f1": ev.get(protocol.MACRO_F1),
+            **{m: ev.get(protocol.METRIC_KEYS[m]) for m in metrics if m != "loss"},
             "rows": train.get(protocol.DATA_ROWS),
             "fingerprint": train.get(protocol.DATA_FINGERPRINT),
         }
     return rows
 
 
-def validation_macro_f1(sites: Mapping[str, Mapping[str, Any]]) -> float | None:
-    """The sites' validation macro-F1 of one round, weighted by their validation examples
-    (``None`` if no site reported one): what early stopping and ``fedhaven tune`` watch —
-    never the held-out test set."""
-    rows = [s for s in sites.values() if s["macro_f1"] is not None and s["val_examples"] > 0]
+def validation_score(sites: Mapping[str, Mapping[str, Any]], metric: str) -> float | None:
+    """The sites' validation ``metric`` (the task's primary one: macro-F1 for classification)
+    of one round, weighted by their validation examples (``None`` if no site reported it):
+    what early stopping and ``fedhaven tune`` watch — never the held-out test set."""
+    rows = [s for s in sites.values() if s.get(metric) is not None and s["val_examples"] > 0]
     total = sum(s["val_examples"] for s in rows)
-    return sum(s["macro_f1"] * s["val_examples"] for s in rows) / total if total else None
+    return sum(s[metric] * s["val_examples"] for s in rows) / total if total else None
 
 
 class EarlyStopping:
@@ -381,12 +383,9 @@ def run_server(
     out.mkdir(parents=True, exist_ok=True)
     if saved is None:
         _drop_checkpoint(out)
-    labels = cfg.data.label_names
-    test = fdata.tokenize(
-        fdata.load(cfg.data.test_path, cfg.data, split="test"),
-        load_tokenizer(cfg.model.path),
-        cfg.model.max_length,
-    )
+    task = get_task(cfg)
+    labels = cfg.data.label_names if task.classification else None
+    test = task.encode(task.load(cfg.data.test_path, split="test"))
     model = build_model(cfg, default_device())
     initial = protocol.to_record(adapter_state(model))
     base = build_strategy(cfg)
@@ -444,14 +443,14 @@ def run_server(
         set_adapter_state(model, protocol.from_record(arrays))
         ev = evaluate(model, test, cfg)
         final_eval.update(ev)
-        sites = _site_rows(base, server_round)
+        sites = _site_rows(base, server_round, task.metrics)
         eps = [s["epsilon"] for s in sites.values() if s["epsilon"] is not None]
-        validation = validation_macro_f1(sites)
+        validation = validation_score(sites, task.primary_metric)
         line = {
             "round": server_round,
             "wall_s": round(wall_before + time.perf_counter() - t0, 2),
-            "global": {k: ev[k] for k in ("loss", "accuracy", "macro_f1", "per_class_f1")},
-            "validation_macro_f1": validation,
+            "global": {k: ev[k] for k in (*task.metrics, "per_class_f1") if k in ev},
+            "validation": validation,
             "max_epsilon": max(eps, default=None),
             "central_epsilon": central_epsilon(),
             **base.round_stats.get(server_round, {}),
@@ -492,20 +491,15 @@ def run_server(
             progress(line)
         if stop:
             log.warning(
-                "early stopping after round %d: the sites' validation macro-F1 has not "
+                "early stopping after round %d: the sites' validation %s has not "
                 "improved for %d rounds (best: round %d)",
                 server_round,
+                task.primary_metric,
                 patience,
                 stopper.best_round,
             )
             raise _Stop
-        return MetricRecord(
-            {
-                protocol.ACCURACY: ev["accuracy"],
-                protocol.MACRO_F1: ev["macro_f1"],
-                protocol.LOSS: ev["loss"],
-            }
-        )
+        return MetricRecord({protocol.METRIC_KEYS[k]: ev[k] for k in task.metrics})
 
     updated = True  # whether any round aggregated an update
     try:
@@ -560,8 +554,7 @@ def run_server(
             sites[node] = {
                 "examples": row["examples"],
                 "epsilon": row["epsilon"],
-                "accuracy": row["accuracy"],
-                "macro_f1": row["macro_f1"],
+                **{m: row[m] for m in task.metrics if m != "loss"},
                 "rows": row["rows"],
                 "fingerprint": row["fingerprint"],
                 "last_round": line["round"],
@@ -577,9 +570,14 @@ def run_server(
         "rounds": len(history),
         "best_round": stopper.best_round if best else len(history),
         "stopped_early": stopped_early,
+        "task": task.name,
+        "primary_metric": task.primary_metric,
+        "metrics": list(task.metrics),
         "labels": labels,
         "global": {
-            k: final_eval[k] for k in ("accuracy", "macro_f1", "loss", "per_class_f1", "confusion")
+            k: final_eval[k]
+            for k in (*task.metrics, "per_class_f1", "confusion")
+            if k in final_eval
         },
         "sites": sites,
         "bytes_per_site_round": protocol.record_nbytes(initial),
@@ -610,7 +608,7 @@ def run_server(
         rounds=summary["rounds"],
         best_round=summary["best_round"],
         stopped_early=stopped_early,
-        metrics={k: summary["global"][k] for k in ("accuracy", "macro_f1", "loss")},
+        metrics={k: summary["global"][k] for k in task.metrics},
         max_epsilon=summary["max_epsilon"],
         central_epsilon=central_epsilon(),
         wall_s=summary["wall_s"],

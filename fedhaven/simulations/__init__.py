@@ -2,9 +2,10 @@
 ServerApp as a deployment, run by Flower's simulation engine (Ray backend).
 
 Each simulated site has what a real site sets for itself: a state directory holding its privacy
-ledger (default ``<run>/sites/site-<i>``) and, optionally, its own ε budget and δ. They come
-from the ``sites`` table of a config file (or ``--site-budget`` / ``--site-state``) and go to
-the ClientApp only, like a deployed site's node config: the coordinator never sees them.
+ledger (default ``<run>/sites/site-<i>``) and, optionally, its own ε budget and δ and its LoRA
+rank (flexlora). They come from the ``sites`` table of a config file (or ``--site-budget`` /
+``--site-state`` / ``--site-rank``) and go to the ClientApp only, like a deployed site's node
+config: the coordinator never sees them.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from fedhaven import data as fdata
-from fedhaven.client.app import SiteSettings
-from fedhaven.config import DELTA, EPSILON_BUDGET, STATE_DIR, Config, from_flat
+from fedhaven.client.app import SiteSettings, with_site_rank
+from fedhaven.config import DELTA, EPSILON_BUDGET, LORA_RANK, STATE_DIR, Config, from_flat
 from fedhaven.errors import FedhavenError
-from fedhaven.models import resolve_model_path
 from fedhaven.report import SIMULATION, SUMMARY_FILE
 from fedhaven.server.app import ProgressFn
+from fedhaven.tasks import get_task
 
 #: Offline by design: no telemetry, no hub, no runtime dependency installs.
 OFFLINE_ENV = {
@@ -50,14 +51,16 @@ def site_settings(spec: Mapping[str, Any], cfg: Config) -> dict[int, dict[str, A
     """Each simulated site's own node settings from ``spec`` (keys without the prefix).
 
     ``epsilon-budget`` and ``delta`` take one value for every site, or one per site (a list
-    or a comma-separated string); ``state-dir`` is the root of the sites' state directories.
+    or a comma-separated string); ``state-dir`` is the root of the sites' state directories;
+    ``lora-rank`` (federation.strategy = flexlora) one whole number, or one per site.
     """
     n = cfg.federation.sites
-    unknown = set(spec) - {STATE_DIR, EPSILON_BUDGET, DELTA}
+    known = (STATE_DIR, EPSILON_BUDGET, DELTA, LORA_RANK)
+    unknown = set(spec) - set(known)
     if unknown:
         raise FedhavenError(
             f"unknown site setting '{SITES_PREFIX}{sorted(unknown)[0]}': valid ones are "
-            f"{', '.join(SITES_PREFIX + k for k in (STATE_DIR, EPSILON_BUDGET, DELTA))}"
+            f"{', '.join(SITES_PREFIX + k for k in known)}"
         )
     root = Path(str(spec.get(STATE_DIR) or Path(cfg.federation.out_dir) / "sites"))
     sites: dict[int, dict[str, Any]] = {i: {STATE_DIR: str(root / f"site-{i}")} for i in range(n)}
@@ -78,15 +81,31 @@ def site_settings(spec: Mapping[str, Any], cfg: Config) -> dict[int, dict[str, A
             raise FedhavenError(f"site setting '{SITES_PREFIX}{key}' = {raw!r} is invalid: {fix}")
         for i, v in enumerate(values):
             sites[i][key] = v
+    if LORA_RANK in spec:
+        raw = spec[LORA_RANK]
+        items = raw.split(",") if isinstance(raw, str) else raw
+        items = items if isinstance(items, list | tuple) else [items]
+        ranks = [int(v) if str(v).strip().isdigit() else 0 for v in items]  # 0: not one
+        if len(ranks) == 1:
+            ranks *= n
+        if len(ranks) != n or min(ranks, default=0) < 1:
+            raise FedhavenError(
+                f"site setting '{SITES_PREFIX}{LORA_RANK}' = {raw!r} is invalid: give one whole "
+                f"number >= 1 or {n} comma-separated ones, one per site"
+            )
+        for i, rank in enumerate(ranks):
+            with_site_rank(cfg, {LORA_RANK: rank})  # the site's own checks, before Ray starts
+            sites[i][LORA_RANK] = rank
     return sites
 
 
 def preflight(cfg: Config) -> None:
     """Fail fast, before Ray starts, on every user error we can see from here."""
-    resolve_model_path(cfg.model.path)
-    full = fdata.load(cfg.data.path, cfg.data)
+    task = get_task(cfg)
+    task.model_path()
+    full = task.load(cfg.data.path)
     fdata.partition(full, cfg.data, cfg.federation.sites, cfg.train.seed)
-    fdata.load(cfg.data.test_path, cfg.data, split="test")
+    task.load(cfg.data.test_path, split="test")
 
 
 def simulate(

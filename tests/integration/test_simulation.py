@@ -17,7 +17,9 @@ from transformers import AutoModel, AutoModelForSequenceClassification, AutoToke
 from fedhaven import data as fdata
 from fedhaven.config import Config, from_flat
 from fedhaven.errors import FedhavenError
-from fedhaven.models import MeanPoolingClassifier, adapter_state, build_model, load_trained
+from fedhaven.models import adapter_state, build_model, load_trained
+from fedhaven.tasks import get_task
+from fedhaven.tasks.seq_cls import MeanPoolingClassifier
 from fedhaven.training import evaluate
 
 pytestmark = pytest.mark.slow
@@ -116,11 +118,9 @@ def test_adapter_loads_and_reproduces_the_global_metrics(
     lora_b = [k for k in fresh if "lora_B" in k]
     assert lora_b and all(params[k].abs().sum() > 0 for k in lora_b)  # LoRA B starts at 0
 
-    test = fdata.tokenize(
-        fdata.load(cfg.data.test_path, cfg.data, split="test"),
-        AutoTokenizer.from_pretrained(run["out"] / "adapter"),  # the run saved it there
-        cfg.model.max_length,
-    )
+    assert AutoTokenizer.from_pretrained(run["out"] / "adapter")  # the run saved it there
+    task = get_task(cfg)
+    test = task.encode(task.load(cfg.data.test_path, split="test"))
     ev = evaluate(loaded, test, cfg)
     assert ev["accuracy"] == pytest.approx(run["summary"]["global"]["accuracy"])
     assert ev["macro_f1"] == pytest.approx(run["summary"]["global"]["macro_f1"])
@@ -129,11 +129,8 @@ def test_adapter_loads_and_reproduces_the_global_metrics(
 def test_load_trained_rebuilds_the_model_from_the_run(run: dict[str, Any]) -> None:
     cfg: Config = run["cfg"]
     loaded = load_trained(run["out"] / "adapter")
-    test = fdata.tokenize(
-        fdata.load(cfg.data.test_path, cfg.data, split="test"),
-        AutoTokenizer.from_pretrained(run["out"] / "adapter"),
-        cfg.model.max_length,
-    )
+    task = get_task(cfg)
+    test = task.encode(task.load(cfg.data.test_path, split="test"))
     assert evaluate(loaded, test, cfg)["macro_f1"] == pytest.approx(
         run["summary"]["global"]["macro_f1"]
     )
@@ -165,8 +162,9 @@ def test_the_run_writes_its_report_and_model_card(run: dict[str, Any]) -> None:
     card = (out / "adapter" / "model_card.md").read_text()
     # each site's fingerprint and row count, computed at the site, match its rows
     cfg: Config = run["cfg"]
-    full = fdata.load(cfg.data.path, cfg.data)
+    task = get_task(cfg)
+    full = task.load(cfg.data.path)
     for train, val in fdata.simulated_sites(full, cfg.data, 2, cfg.train.seed):
-        fp = fdata.fingerprint(train, val)
+        fp = fdata.fingerprint([*task.rows(train), *task.rows(val)])
         assert f"| {len(train)} | {len(train) + len(val)} | {fp:012x} |" in card
     assert "DP-SGD" in card and "δ = 1e-05" in card

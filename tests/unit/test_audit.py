@@ -19,7 +19,7 @@ from fedhaven import data as fdata
 from fedhaven.audit import attack_auc, audit, label_matched
 from fedhaven.client.app import PARTITION_ID, _site_data
 from fedhaven.config import from_flat
-from fedhaven.models import load_tokenizer
+from fedhaven.tasks import get_task
 
 pytestmark = pytest.mark.slow
 
@@ -80,9 +80,10 @@ def test_label_matching_keeps_equal_counts_per_label() -> None:
 
 def test_members_are_the_rows_the_client_app_trained_on(run: Path) -> None:
     cfg = from_flat(json.loads((run / "summary.json").read_text())["config"])
-    full = fdata.load(cfg.data.path, cfg.data)
+    task = get_task(cfg)
+    full = task.load(cfg.data.path)
     train, _ = fdata.simulated_sites(full, cfg.data, cfg.federation.sites, cfg.train.seed)[1]
-    tokenized = fdata.tokenize(train, load_tokenizer(cfg.model.path), cfg.model.max_length)
+    tokenized = task.encode(train)
     client_train, _, _ = _site_data(cfg, (PARTITION_ID, 1, cfg.federation.sites))
     for ours, theirs in zip(tokenized.tensors, client_train.tensors, strict=True):
         assert ours.equal(theirs)

@@ -31,6 +31,18 @@ def test_layer_indices(layers: str, indices: list[int] | None) -> None:
     assert from_flat({"lora.layers": layers}).lora.layer_indices == indices
 
 
+def test_auto_lora_settings_take_the_tasks_defaults_and_explicit_ones_stay() -> None:
+    defaults = ("q_proj,v_proj", "", "-1")
+    auto = from_flat({}).lora.resolved(*defaults)
+    assert (auto.targets, auto.saved_modules, auto.layer_indices) == (
+        ["q_proj", "v_proj"],
+        [],
+        [-1],
+    )
+    mine = from_flat({"lora.target-modules": "query", "lora.layers": ""}).lora.resolved(*defaults)
+    assert (mine.targets, mine.saved_modules, mine.layer_indices) == (["query"], [], None)
+
+
 def test_own_data_needs_its_own_test_set() -> None:
     with pytest.raises(FedhavenError, match=r"'data\.test-path'"):
         from_flat({"data.path": "mine.csv"})
@@ -54,6 +66,10 @@ def test_config_is_frozen() -> None:
         ("privacy.delta", 1.5),
         ("privacy.max-grad-norm", 0),
         ("privacy.accountant", "gdp-ish"),
+        ("model.task", "token-cls"),
+        ("model.image-size", 4),
+        ("model.max-new-tokens", 0),
+        ("lora.layers", "last"),
         ("lora.r", 0),
         ("lora.r", -2),
         ("lora.alpha", 0),

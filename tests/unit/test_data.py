@@ -15,9 +15,9 @@ from datasets import Dataset
 from torch.utils.data import TensorDataset
 
 from fedhaven import data as fdata
-from fedhaven.config import DataConfig
+from fedhaven.config import DataConfig, from_flat
 from fedhaven.errors import FedhavenError
-from fedhaven.models import load_tokenizer
+from fedhaven.tasks import get_task
 
 CFG = DataConfig()
 MakeRows = Callable[..., pd.DataFrame]
@@ -229,9 +229,10 @@ def test_split_train_val_sizes(n: int, fraction: float, n_train: int, n_val: int
     assert sorted(list(train["text"]) + list(val["text"])) == sorted(ds["text"])
 
 
-def test_tokenize(tiny_model_dir: Path) -> None:
+def test_seq_cls_encodes_fixed_length_tensors(tiny_model_dir: Path) -> None:
     ds = _labeled(5)
-    out = fdata.tokenize(ds, load_tokenizer(str(tiny_model_dir)), max_length=16)
+    cfg = from_flat({"model.path": str(tiny_model_dir), "model.max-length": 16})
+    out = get_task(cfg).encode(ds)
     assert isinstance(out, TensorDataset)
     assert len(out.tensors) == 3
     assert len(out) == 5

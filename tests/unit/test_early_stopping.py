@@ -6,7 +6,7 @@ import pytest
 
 from fedhaven.config import Config
 from fedhaven.errors import FedhavenError
-from fedhaven.server.app import EarlyStopping, validation_macro_f1
+from fedhaven.server.app import EarlyStopping, validation_score
 
 
 def _run(values: list[float | None], patience: int, min_delta: float = 0.0) -> tuple[int, int]:
@@ -35,14 +35,14 @@ def test_stops_at_the_right_round(
     assert _run(values, patience, min_delta) == expected
 
 
-def test_validation_macro_f1_weighs_sites_by_their_validation_examples() -> None:
+def test_validation_score_weighs_sites_by_their_validation_examples() -> None:
     sites = {
         "1": {"macro_f1": 0.5, "val_examples": 30},
         "2": {"macro_f1": 0.8, "val_examples": 10},
         "3": {"macro_f1": None, "val_examples": 0},  # refused or no validation split
     }
-    assert validation_macro_f1(sites) == pytest.approx((0.5 * 30 + 0.8 * 10) / 40)
-    assert validation_macro_f1({"3": sites["3"]}) is None
+    assert validation_score(sites, "macro_f1") == pytest.approx((0.5 * 30 + 0.8 * 10) / 40)
+    assert validation_score({"3": sites["3"]}, "macro_f1") is None
 
 
 @pytest.mark.parametrize(

@@ -10,21 +10,20 @@ import torch
 from peft import PeftModel
 from transformers import AutoModel, AutoModelForSequenceClassification
 
-from fedhaven.config import Config
+from fedhaven.config import Config, from_flat
 from fedhaven.errors import FedhavenError
 from fedhaven.models import (
-    MeanPoolingClassifier,
     adapter_state,
     build_model,
     full_model_bytes,
-    load_tokenizer,
-    resolve_model_path,
     set_adapter_state,
 )
+from fedhaven.tasks import get_task
+from fedhaven.tasks.seq_cls import MeanPoolingClassifier
 
 
 def _batch(cfg: Config) -> dict[str, torch.Tensor]:
-    tok = load_tokenizer(cfg.model.path)
+    tok = get_task(cfg).processor()
     enc = tok(
         ["good drug", "awful pain and nausea", "okay i felt fine"],
         padding="max_length",
@@ -152,11 +151,11 @@ def test_full_model_is_bigger_than_the_adapter(tiny_cfg: Config, pooling: str) -
 def test_resolve_model_path_rejects_missing_dir(tmp_path: Path, sub: str) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FedhavenError, match="model directory"):
-        resolve_model_path(str(tmp_path / sub))
+        get_task(from_flat({"model.path": str(tmp_path / sub)})).model_path()
 
 
 def test_resolve_model_path_accepts_hf_dir(tiny_model_dir: Path) -> None:
-    assert resolve_model_path(str(tiny_model_dir)) == tiny_model_dir
+    assert get_task(from_flat({"model.path": str(tiny_model_dir)})).model_path() == tiny_model_dir
 
 
 def test_bad_target_module_is_a_user_error(tiny_cfg: Config) -> None:

@@ -13,24 +13,24 @@ from opacus.accountants import RDPAccountant
 from sklearn.metrics import accuracy_score, f1_score
 from torch.utils.data import TensorDataset
 
-from fedhaven import data as fdata
 from fedhaven import training
 from fedhaven.config import Config, from_flat
-from fedhaven.models import adapter_state, build_model, load_tokenizer, set_adapter_state
+from fedhaven.models import adapter_state, build_model, set_adapter_state
 from fedhaven.privacy import sample_rate
+from fedhaven.tasks import get_task
 from fedhaven.training import evaluate, lr_factor, steps_per_round, train_round
 
 
 @pytest.fixture(scope="module")
 def train_data(tiny_cfg: Config) -> TensorDataset:
-    ds = fdata.load(tiny_cfg.data.path, tiny_cfg.data)
-    return fdata.tokenize(ds, load_tokenizer(tiny_cfg.model.path), tiny_cfg.model.max_length)
+    task = get_task(tiny_cfg)
+    return task.encode(task.load(tiny_cfg.data.path))
 
 
 @pytest.fixture(scope="module")
 def test_data(tiny_cfg: Config) -> TensorDataset:
-    ds = fdata.load(tiny_cfg.data.test_path, tiny_cfg.data, split="test")
-    return fdata.tokenize(ds, load_tokenizer(tiny_cfg.model.path), tiny_cfg.model.max_length)
+    task = get_task(tiny_cfg)
+    return task.encode(task.load(tiny_cfg.data.test_path, split="test"))
 
 
 def _one_step(cfg: Config, privacy: bool) -> Config:
