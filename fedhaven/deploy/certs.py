@@ -26,10 +26,12 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedhaven.deploy.process import readable_file
 from fedhaven.errors import FedhavenError
 
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
@@ -152,6 +154,65 @@ def site_keys(
     _write(paths["private_key"], private, PRIVATE_MODE)
     _write(paths["public_key"], public + f" {name}\n".encode(), PUBLIC_MODE)
     return paths
+
+
+# --- checks before anything starts: what a TLS handshake would refuse, said in one line ---
+
+
+def read_certificates(path: Path, what: str, fix: str) -> list[x509.Certificate]:
+    """The PEM certificates in ``path``, first to last (a leaf may come with its chain)."""
+    raw = readable_file(path, what, fix)
+    try:
+        certs = x509.load_pem_x509_certificates(raw)
+    except ValueError:
+        certs = []
+    if not certs:
+        raise FedhavenError(f"{what} '{path}' is not a PEM certificate: {fix}")
+    return certs
+
+
+def check_valid_now(
+    cert: x509.Certificate, path: Path, what: str, renew: str, now: dt.datetime | None = None
+) -> None:
+    """Refuse a certificate outside its validity window, as every TLS peer would."""
+    now = now or dt.datetime.now(dt.UTC)
+    if cert.not_valid_after_utc < now:
+        raise FedhavenError(
+            f"{what} '{path}' expired on {cert.not_valid_after_utc:%Y-%m-%d}: {renew}"
+        )
+    if cert.not_valid_before_utc > now:
+        raise FedhavenError(
+            f"{what} '{path}' is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} "
+            f"UTC: check this machine's clock, or {renew}"
+        )
+
+
+def check_is_ca(cert: x509.Certificate, path: Path, fix: str) -> None:
+    """Refuse a certificate that may not issue others (e.g. server.pem given as ca.crt)."""
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        raise FedhavenError(
+            f"'{path}' is not a CA certificate (the coordinator's {SERVER_CERT}?): {fix}"
+        )
+
+
+def check_issued_by(
+    chain: list[x509.Certificate], path: Path, ca: x509.Certificate, ca_path: Path, fix: str
+) -> None:
+    """Check that each certificate of ``chain`` is signed by the next, the last by ``ca``."""
+    for child, parent in zip(chain, [*chain[1:], ca], strict=True):
+        if child == parent:  # the CA itself at the end of the chain
+            continue
+        try:
+            child.verify_directly_issued_by(parent)
+        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+            raise FedhavenError(
+                f"'{path}' was not issued by '{ca_path}' (from another `fedhaven certs "
+                f"init`?): {fix}"
+            ) from None
 
 
 def _parse_sans(sans: Iterable[str]) -> list[x509.GeneralName]:

@@ -9,7 +9,6 @@ line that starts a federation, and stays in the foreground until Ctrl-C or SIGTE
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import shlex
 import shutil
@@ -18,12 +17,20 @@ import subprocess
 import time
 from pathlib import Path
 
-from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedhaven.deploy.certs import CA_CERT, PUBLIC_KEY_SUFFIX, SERVER_CERT, SERVER_KEY
+from fedhaven.deploy.certs import (
+    CA_CERT,
+    PUBLIC_KEY_SUFFIX,
+    SERVER_CERT,
+    SERVER_KEY,
+    check_is_ca,
+    check_issued_by,
+    check_valid_now,
+    read_certificates,
+)
 from fedhaven.deploy.process import (
     FLWR_HOME_DIR,
     FlowerProcess,
@@ -51,20 +58,15 @@ INSECURE_WARNING = (
 
 
 def check_certs(certs: Path) -> dict[str, Path]:
-    """The coordinator's TLS files in ``certs``, loaded and checked to belong together."""
+    """The coordinator's TLS files in ``certs``, checked as the sites' TLS handshake will:
+    the key is the certificate's, the CA issued the certificate, both are valid now."""
     fix = f"create them with `fedhaven certs init {certs}`"
+    anew = f"`fedhaven certs init {certs} --force` (sites need the new {CA_CERT})"
     if not certs.is_dir():
         raise FedhavenError(f"certificate directory '{certs}' not found: {fix}")
     paths = {"ca": certs / CA_CERT, "cert": certs / SERVER_CERT, "key": certs / SERVER_KEY}
-    loaded: dict[str, object] = {}
-    for role in ("ca", "cert"):
-        raw = readable_file(paths[role], "certificate", fix)
-        try:
-            loaded[role] = x509.load_pem_x509_certificate(raw)
-        except ValueError:
-            raise FedhavenError(
-                f"'{paths[role]}' is not a PEM certificate: {fix} (with --force to replace)"
-            ) from None
+    ca = read_certificates(paths["ca"], "certificate", f"{fix} (with --force to replace)")[0]
+    chain = read_certificates(paths["cert"], "certificate", f"{fix} (with --force to replace)")
     raw = readable_file(paths["key"], "TLS key", fix)
     try:
         key = serialization.load_pem_private_key(raw, password=None)
@@ -73,22 +75,21 @@ def check_certs(certs: Path) -> dict[str, Path]:
             f"'{paths['key']}' is not an unencrypted PEM private key: {fix} "
             "(with --force to replace)"
         ) from None
-    cert = loaded["cert"]
-    assert isinstance(cert, x509.Certificate)
-    if key.public_key() != cert.public_key():
+    if key.public_key() != chain[0].public_key():
         raise FedhavenError(
             f"'{paths['key']}' is not the key of '{paths['cert']}': {fix} "
             "(with --force to replace both)"
         )
-    now = dt.datetime.now(dt.UTC)
-    for role in ("ca", "cert"):
-        c = loaded[role]
-        assert isinstance(c, x509.Certificate)
-        if c.not_valid_after_utc < now:
-            raise FedhavenError(
-                f"'{paths[role]}' expired on {c.not_valid_after_utc:%Y-%m-%d}: renew with "
-                f"`fedhaven certs init {certs} --force` (sites need the new {CA_CERT})"
-            )
+    check_is_ca(ca, paths["ca"], f"put back the {CA_CERT} that issued {SERVER_CERT}, or {anew}")
+    for cert, path in [(ca, paths["ca"]), *((c, paths["cert"]) for c in chain)]:
+        check_valid_now(cert, path, "certificate", f"renew with {anew}")
+    check_issued_by(
+        chain,
+        paths["cert"],
+        ca,
+        paths["ca"],
+        f"put back the {CA_CERT} that issued it, or create both anew with {anew}",
+    )
     return paths
 
 

@@ -1,9 +1,9 @@
 """``fedhaven site``: a Flower SuperNode that serves fedhaven's ClientApp at one site.
 
-The site's own settings (data file, state directory, ε budget, δ) go into the SuperNode's
-node config, which only the site sets; the coordinator cannot change them. The inputs are
-checked before anything starts, the SuperNode verifies the coordinator against its CA
-certificate and authenticates with the site's OpenSSH key, installs nothing at run time
+The site's own settings (data file, state directory, ε budget, δ, LoRA rank) go into the
+SuperNode's node config, which only the site sets; the coordinator cannot change them. The
+inputs are checked before anything starts, the SuperNode verifies the coordinator against its
+CA certificate and authenticates with the site's OpenSSH key, installs nothing at run time
 (Flower 1.42's SuperNode only does with --allow-runtime-dependency-installation), and gives
 up after a bounded wait when the coordinator cannot be reached.
 """
@@ -11,15 +11,22 @@ up after a bounded wait when the coordinator cannot be reached.
 from __future__ import annotations
 
 import math
+import socket
+import ssl
 from pathlib import Path
 
-from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedhaven.config import DATA_PATH, DELTA, EPSILON_BUDGET, STATE_DIR
-from fedhaven.deploy.certs import CA_CERT
+from fedhaven.config import DATA_PATH, DELTA, EPSILON_BUDGET, LORA_RANK, STATE_DIR
+from fedhaven.deploy.certs import (
+    CA_CERT,
+    PUBLIC_KEY_SUFFIX,
+    check_is_ca,
+    check_valid_now,
+    read_certificates,
+)
 from fedhaven.deploy.process import (
     FLWR_HOME_DIR,
     FlowerProcess,
@@ -41,6 +48,8 @@ MAX_WAIT_S = 120.0
 # exits; after a connection was up it only logs the error and keeps running, unconnected.
 GAVE_UP = "Giving up reconnection"
 CONNECTED = "SuperNode ID:"
+# OpenSSL's verify codes (X509_V_ERR_*) that have a fix of their own
+_CERT_NOT_YET_VALID, _CERT_EXPIRED, _NAME_MISMATCH = 9, 10, (62, 64)  # 64: an IP address
 INSECURE_WARNING = (
     "--insecure: no TLS and no SuperNode authentication; the coordinator is not verified "
     "and the traffic is readable. Use it on a trusted test machine only."
@@ -62,14 +71,12 @@ def parse_coordinator(address: str) -> tuple[str, int]:
 
 
 def check_ca(certs: Path) -> Path:
-    """The CA certificate the coordinator's certificate is checked against."""
+    """The CA certificate the coordinator's certificate is checked against: a CA, valid now."""
     path = certs / CA_CERT if certs.is_dir() else certs
     fix = f"give the coordinator's {CA_CERT} (or its directory) from `fedhaven certs init`"
-    raw = readable_file(path, "CA certificate", fix)
-    try:
-        x509.load_pem_x509_certificate(raw)
-    except ValueError:
-        raise FedhavenError(f"'{path}' is not a PEM certificate: {fix}") from None
+    ca = read_certificates(path, "CA certificate", fix)[0]
+    check_is_ca(ca, path, fix)
+    check_valid_now(ca, path, "CA certificate", f"ask the coordinator for its new {CA_CERT}")
     return path
 
 
@@ -88,7 +95,53 @@ def check_key(key: Path) -> Path:
         raise FedhavenError(f"'{key}' is not an OpenSSH private key{kind}: {fix}") from None
     if not isinstance(private, ec.EllipticCurvePrivateKey):
         raise FedhavenError(f"'{key}' is not an elliptic-curve key, as Flower needs: {fix}")
+    # NAME.pub beside NAME.key is what the coordinator registered: a key that is not its
+    # pair would only be refused by the coordinator, after the SuperNode started.
+    public = key.with_suffix(PUBLIC_KEY_SUFFIX)
+    try:
+        registered = serialization.load_ssh_public_key(public.read_bytes())
+    except (OSError, ValueError, UnsupportedAlgorithm):
+        return key  # no readable public half here: only the coordinator can tell
+    if registered != private.public_key():
+        raise FedhavenError(
+            f"'{key}' is not the private half of '{public}' beside it: one of them was "
+            "replaced; give the NAME.key whose NAME.pub the coordinator registered, or make "
+            "a new pair with `fedhaven certs site NAME DIR --force` and send its NAME.pub"
+        )
     return key
+
+
+def check_coordinator_tls(host: str, port: int, ca: Path, timeout_s: float = 5.0) -> None:
+    """If the coordinator answers, check its certificate against ``ca`` as the SuperNode
+    will (issuer, validity, host name), so a wrong CA is one line now, not a failed
+    handshake later. An unreachable coordinator is the SuperNode's to wait for."""
+    context = ssl.create_default_context(cafile=str(ca))
+    where = f"{host}:{port}"
+    try:
+        with (
+            socket.create_connection((host, port), timeout=timeout_s) as raw,
+            context.wrap_socket(raw, server_hostname=host),
+        ):
+            return
+    except ssl.SSLCertVerificationError as e:
+        code, message = e.verify_code, e.verify_message
+    except (OSError, ssl.SSLError):
+        return
+    if code in _NAME_MISMATCH:
+        why = (
+            f"is not issued for the name '{host}': use a name it was issued for in "
+            f"--coordinator, or have it re-issued with `fedhaven certs init DIR --san {host}`"
+        )
+    elif code == _CERT_EXPIRED:
+        why = "has expired: the coordinator must renew it (`fedhaven certs init DIR --force`)"
+    elif code == _CERT_NOT_YET_VALID:
+        why = "is not valid yet: check the clocks of this machine and the coordinator"
+    else:
+        why = (
+            f"was not issued by '{ca}' ({message}): --certs must be the {CA_CERT} "
+            "of the coordinator's current `fedhaven certs init`"
+        )
+    raise FedhavenError(f"the coordinator at {where} presents a TLS certificate that {why}")
 
 
 def check_data(data: Path) -> Path:
@@ -99,7 +152,7 @@ def check_data(data: Path) -> Path:
 def _toml_value(value: str | float) -> str:
     """A TOML value Flower's ``--node-config`` parser reads back unchanged: it splits on
     spaces outside quotes and knows no escaped quotes, so strings are literal ('...')."""
-    if isinstance(value, float):
+    if isinstance(value, int | float):
         return repr(value)
     if any(ord(c) < 32 or c == "\x7f" for c in value):
         raise FedhavenError(f"path {value!r} contains control characters: rename it")
@@ -111,7 +164,11 @@ def _toml_value(value: str | float) -> str:
 
 
 def node_config(
-    data: Path, state: Path, epsilon_budget: float | None = None, delta: float | None = None
+    data: Path,
+    state: Path,
+    epsilon_budget: float | None = None,
+    delta: float | None = None,
+    lora_rank: int | None = None,
 ) -> str:
     """The SuperNode's ``--node-config``: the site's own settings, for the ClientApp."""
     items: dict[str, str | float] = {DATA_PATH: str(data), STATE_DIR: str(state)}
@@ -119,6 +176,8 @@ def node_config(
         items[EPSILON_BUDGET] = float(epsilon_budget)
     if delta is not None:
         items[DELTA] = float(delta)
+    if lora_rank is not None:
+        items[LORA_RANK] = int(lora_rank)
     return " ".join(f"{k}={_toml_value(v)}" for k, v in items.items())
 
 
@@ -194,6 +253,7 @@ def serve(
     state: Path,
     epsilon_budget: float | None = None,
     delta: float | None = None,
+    lora_rank: int | None = None,
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
     max_wait_s: float = MAX_WAIT_S,
@@ -223,10 +283,14 @@ def serve(
         )
     if delta is not None and not 0 < delta < 1:
         raise FedhavenError(f"--delta {delta:g} is invalid: give a number in (0, 1), e.g. 1e-5")
+    if lora_rank is not None and lora_rank < 1:
+        raise FedhavenError(f"--lora-rank {lora_rank} is invalid: give a whole number >= 1, e.g. 4")
     if not (max_wait_s > 0 and math.isfinite(max_wait_s)):
         raise FedhavenError(f"--max-wait {max_wait_s:g} is invalid: give seconds, e.g. 120")
     supernode = executable("flower-supernode")
     check_port_free(host, port)
+    if ca is not None:
+        check_coordinator_tls(*parse_coordinator(coordinator), ca)
 
     # Checks done: from here on the state directory is written.
     state = make_private_dir(state.expanduser().resolve(), "state directory")
@@ -235,7 +299,7 @@ def serve(
         superlink=coordinator,
         root_certificates=ca,
         private_key=private_key,
-        node_config=node_config(data, state, epsilon_budget, delta),
+        node_config=node_config(data, state, epsilon_budget, delta, lora_rank),
         host=host,
         port=port,
         max_wait_s=max_wait_s,

@@ -21,7 +21,14 @@ from flwr.supercore.primitives.asymmetric import (
 )
 from flwr.supernode.cli.flower_supernode import _try_setup_client_authentication
 
-from fedhaven.deploy.certs import init_ca, site_keys
+from fedhaven.deploy.certs import (
+    check_is_ca,
+    check_issued_by,
+    check_valid_now,
+    init_ca,
+    read_certificates,
+    site_keys,
+)
 from fedhaven.errors import FedhavenError
 
 
@@ -203,3 +210,84 @@ def test_cli_creates_keys_and_refuses_to_overwrite_in_one_line(tmp_path: Path) -
     assert (tmp_path / "site-a.key").read_bytes() == before
     assert cli("init", str(tmp_path / "pki"), "--san", "coordinator.example").returncode == 0
     assert (tmp_path / "pki" / "server.pem").is_file()
+
+
+# ---------------------------------------------------------------- checks before a handshake
+
+
+def reissue(pki: Path, name: str, *, start: dt.datetime, end: dt.datetime) -> Path:
+    """Replace ``pki/name`` (ca.crt or server.pem) by the same certificate — subject, key,
+    extensions — valid from ``start`` to ``end`` only, signed by ``pki/ca.key``."""
+    path = pki / name
+    old = _cert(path)
+    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), None)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(old.subject)
+        .issuer_name(old.issuer)
+        .public_key(old.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+    )
+    for ext in old.extensions:
+        builder = builder.add_extension(ext.value, ext.critical)
+    cert = builder.sign(ca_key, hashes.SHA384())  # type: ignore[arg-type]
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def test_checks_pass_what_init_ca_wrote_and_a_chain_ending_in_the_ca(tmp_path: Path) -> None:
+    paths = init_ca(tmp_path)
+    chain_file = tmp_path / "chain.pem"
+    chain_file.write_bytes(paths["server_cert"].read_bytes() + paths["ca_cert"].read_bytes())
+    (ca,) = read_certificates(paths["ca_cert"], "certificate", "fix")
+    chain = read_certificates(chain_file, "certificate", "fix")
+    assert [c.subject for c in chain] == [_cert(paths["server_cert"]).subject, ca.subject]
+    check_is_ca(ca, paths["ca_cert"], "fix")
+    check_issued_by(chain[:1], paths["server_cert"], ca, paths["ca_cert"], "fix")
+    check_issued_by(chain, chain_file, ca, paths["ca_cert"], "fix")
+    for cert in chain:
+        check_valid_now(cert, chain_file, "certificate", "renew")
+
+
+def test_a_certificate_of_another_ca_is_refused(tmp_path: Path) -> None:
+    ours, theirs = init_ca(tmp_path / "ours"), init_ca(tmp_path / "theirs")
+    server = read_certificates(ours["server_cert"], "certificate", "fix")
+    (other_ca,) = read_certificates(theirs["ca_cert"], "certificate", "fix")
+    with pytest.raises(FedhavenError) as info:
+        check_issued_by(server, ours["server_cert"], other_ca, theirs["ca_cert"], "the fix")
+    assert str(info.value) == (
+        f"'{ours['server_cert']}' was not issued by '{theirs['ca_cert']}' (from another "
+        "`fedhaven certs init`?): the fix"
+    )
+
+
+def test_validity_window_is_checked_at_both_ends(tmp_path: Path) -> None:
+    init_ca(tmp_path)
+    start = dt.datetime(2030, 1, 2, 3, 4, tzinfo=dt.UTC)
+    path = reissue(tmp_path, "server.pem", start=start, end=start + dt.timedelta(days=1))
+    cert = _cert(path)
+    check_valid_now(cert, path, "certificate", "renew it", now=start)
+    check_valid_now(cert, path, "certificate", "renew it", now=start + dt.timedelta(days=1))
+    with pytest.raises(FedhavenError) as early:
+        check_valid_now(cert, path, "certificate", "renew it", now=start - dt.timedelta(seconds=1))
+    assert str(early.value) == (
+        f"certificate '{path}' is not valid before 2030-01-02 03:04 UTC: check this machine's "
+        "clock, or renew it"
+    )
+    with pytest.raises(FedhavenError) as late:
+        check_valid_now(
+            cert, path, "certificate", "renew it", now=start + dt.timedelta(days=1, seconds=1)
+        )
+    assert str(late.value) == f"certificate '{path}' expired on 2030-01-03: renew it"
+
+
+def test_a_server_certificate_is_no_ca_and_garbage_no_certificate(tmp_path: Path) -> None:
+    paths = init_ca(tmp_path)
+    with pytest.raises(FedhavenError, match=r"server\.pem' is not a CA certificate.*: fix$"):
+        check_is_ca(_cert(paths["server_cert"]), paths["server_cert"], "fix")
+    garbage = tmp_path / "garbage.crt"
+    garbage.write_bytes(b"\x00\x01 not a certificate")
+    with pytest.raises(FedhavenError, match=r"CA certificate '.*garbage\.crt' is not a PEM"):
+        read_certificates(garbage, "CA certificate", "fix")

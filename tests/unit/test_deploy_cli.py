@@ -3,10 +3,15 @@ input refused with one `error:` line, exit 2, before anything starts or is writt
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import os
+import shutil
 import socket
+import ssl
 import subprocess
 import sys
+import threading
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +20,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.common.config import parse_config_args
+from test_certs import reissue
 
 from fedhaven.cli import main
 from fedhaven.client.app import DATA_PATH, DELTA, EPSILON_BUDGET, STATE_DIR
@@ -318,6 +324,102 @@ def test_coordinator_insecure_warns(tmp_path: Path, busy_port: int, monkeypatch,
     assert f"warning: {coordinator.INSECURE_WARNING}" in err
 
 
+def _copy_pki(pki: dict[str, Path], tmp_path: Path) -> Path:
+    return Path(shutil.copytree(pki["certs"], tmp_path / "pki"))
+
+
+_PAST = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
+_FUTURE = dt.datetime.now(dt.UTC) + dt.timedelta(days=30)
+
+
+@pytest.mark.parametrize(
+    ("spoil", "fragment"),
+    [
+        (
+            lambda d: reissue(d, "server.pem", start=_PAST, end=_PAST + dt.timedelta(days=1)),
+            "certificate '{d}/server.pem' expired on 2020-01-02: renew with `fedhaven certs "
+            "init {d} --force` (sites need the new ca.crt)",
+        ),
+        (
+            lambda d: reissue(d, "ca.crt", start=_PAST, end=_PAST + dt.timedelta(days=1)),
+            "certificate '{d}/ca.crt' expired on 2020-01-02",
+        ),
+        (
+            lambda d: reissue(d, "server.pem", start=_FUTURE, end=_FUTURE + dt.timedelta(1)),
+            "certificate '{d}/server.pem' is not valid before",
+        ),
+        (  # ca.crt of another `certs init`
+            lambda d: shutil.copy(init_ca(d.parent / "other")["ca_cert"], d / "ca.crt"),
+            "'{d}/server.pem' was not issued by '{d}/ca.crt' (from another `fedhaven certs "
+            "init`?): put back the ca.crt that issued it, or create both anew",
+        ),
+        (
+            lambda d: shutil.copy(d / "server.pem", d / "ca.crt"),
+            "'{d}/ca.crt' is not a CA certificate",
+        ),
+        (
+            lambda d: (d / "ca.crt").write_text("garbage"),
+            "certificate '{d}/ca.crt' is not a PEM certificate",
+        ),
+        (
+            lambda d: (d / "server.key").write_bytes(os.urandom(64)),
+            "'{d}/server.key' is not an unencrypted PEM private key",
+        ),
+    ],
+    ids=["expired", "ca-expired", "not-yet-valid", "other-ca", "not-a-ca", "bad-ca", "bad-key"],
+)
+def test_coordinator_refuses_bad_tls_files(
+    spoil, fragment: str, tmp_path: Path, pki: dict[str, Path], monkeypatch, capsys
+) -> None:
+    certs = _copy_pki(pki, tmp_path)
+    spoil(certs)
+    _refused(
+        ["coordinator", "--certs", str(certs), "--state", str(tmp_path / "state")],
+        fragment.format(d=certs),
+        tmp_path,
+        monkeypatch,
+        capsys,
+    )
+
+
+def test_coordinator_state_dir_not_writable(
+    tmp_path: Path, pki: dict[str, Path], monkeypatch, capsys
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a directory")
+    _refused(
+        ["coordinator", "--certs", str(pki["certs"]), "--state", str(blocker / "state")],
+        f"state directory '{blocker / 'state'}' cannot be created",
+        tmp_path,
+        monkeypatch,
+        capsys,
+    )
+
+
+@pytest.mark.skipif(ROOT_USER, reason="root reads and writes regardless of permissions")
+def test_coordinator_unreadable_key_and_read_only_state(
+    tmp_path: Path, pki: dict[str, Path], monkeypatch, capsys
+) -> None:
+    certs = _copy_pki(pki, tmp_path)
+    (certs / "server.key").chmod(0)
+    _refused(
+        ["coordinator", "--certs", str(certs), "--state", str(tmp_path / "state")],
+        f"TLS key '{certs / 'server.key'}' cannot be read",
+        tmp_path,
+        monkeypatch,
+        capsys,
+    )
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    _refused(
+        ["coordinator", "--certs", str(pki["certs"]), "--state", str(locked / "state")],
+        f"state directory '{locked / 'state'}' cannot be created",
+        tmp_path,
+        monkeypatch,
+        capsys,
+    )
+
+
 def _coordinator_args(pki: dict[str, Path], tmp_path: Path) -> list[str]:
     return ["coordinator", "--certs", str(pki["certs"]), "--state", str(tmp_path / "s")]
 
@@ -417,6 +519,118 @@ def test_site_insecure_warns_and_refuses_a_key(
         capsys,
     )
     assert f"warning: {site.INSECURE_WARNING}" in err
+
+
+def test_site_refuses_an_expired_ca_or_a_server_certificate_as_ca(
+    tmp_path: Path, pki: dict[str, Path], monkeypatch, capsys
+) -> None:
+    certs = _copy_pki(pki, tmp_path)
+    _refused(
+        _site_args(pki, tmp_path, **{"--certs": str(certs / "server.pem")}),
+        f"'{certs / 'server.pem'}' is not a CA certificate (the coordinator's server.pem?)",
+        tmp_path,
+        monkeypatch,
+        capsys,
+    )
+    reissue(certs, "ca.crt", start=_PAST, end=_PAST + dt.timedelta(days=1))
+    _refused(
+        _site_args(pki, tmp_path, **{"--certs": str(certs)}),
+        f"CA certificate '{certs / 'ca.crt'}' expired on 2020-01-02: ask the coordinator for "
+        "its new ca.crt",
+        tmp_path,
+        monkeypatch,
+        capsys,
+    )
+
+
+def test_site_key_that_is_not_the_pair_of_its_pub(
+    tmp_path: Path, pki: dict[str, Path], monkeypatch, capsys
+) -> None:
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    key = Path(shutil.copy(pki["key"], keys / "site-a.key"))
+    # the site-a.pub beside it is another pair's: what the coordinator registered differs
+    shutil.copy(site_keys("site-a", tmp_path / "other")["public_key"], keys / "site-a.pub")
+    _refused(
+        _site_args(pki, tmp_path, **{"--key": str(key)}),
+        f"'{key}' is not the private half of '{keys / 'site-a.pub'}' beside it",
+        tmp_path,
+        monkeypatch,
+        capsys,
+    )
+
+
+@contextlib.contextmanager
+def _tls_server(cert: Path, key: Path) -> Iterator[int]:
+    """A TLS server on loopback that presents ``cert`` (and completes handshakes only)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with contextlib.suppress(OSError), context.wrap_socket(conn, server_side=True):
+                pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
+@pytest.mark.parametrize(
+    ("server", "fragment"),
+    [
+        ("other-ca", "presents a TLS certificate that was not issued by '{ca}'"),
+        ("other-name", "presents a TLS certificate that is not issued for the name '127.0.0.1'"),
+        ("expired", "presents a TLS certificate that has expired: the coordinator must renew it"),
+    ],
+)
+def test_site_checks_the_coordinators_certificate_before_starting(
+    server: str, fragment: str, tmp_path: Path, pki: dict[str, Path], monkeypatch, capsys
+) -> None:
+    """What the SuperNode's handshake would refuse, said before it starts."""
+    served = tmp_path / "served"
+    if server == "other-ca":
+        init_ca(served)
+        ca = pki["certs"] / "ca.crt"
+    elif server == "other-name":
+        ca = init_ca(served, sans=("coordinator.example.org",))["ca_cert"]
+    else:
+        ca = Path(shutil.copytree(pki["certs"], served)) / "ca.crt"
+        reissue(served, "server.pem", start=_PAST, end=_PAST + dt.timedelta(days=1))
+    with _tls_server(served / "server.pem", served / "server.key") as port:
+        address = f"127.0.0.1:{port}"
+        err = _refused(
+            _site_args(pki, tmp_path, **{"--coordinator": address, "--certs": str(ca)}),
+            f"error: the coordinator at {address} " + fragment.format(ca=ca),
+            tmp_path,
+            monkeypatch,
+            capsys,
+        )
+    assert "fedhaven certs init" in err
+
+
+def test_coordinator_tls_check_passes_a_good_or_an_absent_coordinator(
+    pki: dict[str, Path],
+) -> None:
+    ca = pki["certs"] / "ca.crt"
+    with _tls_server(pki["certs"] / "server.pem", pki["certs"] / "server.key") as port:
+        site.check_coordinator_tls("127.0.0.1", port, ca)
+        site.check_coordinator_tls("localhost", port, ca)
+    with socket.socket() as s:  # bound, not listening: connection refused
+        s.bind(("127.0.0.1", 0))
+        site.check_coordinator_tls("127.0.0.1", s.getsockname()[1], ca, timeout_s=1)
 
 
 def test_explain_exit() -> None:
