@@ -30,11 +30,23 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+#: How a metric is named on screen (the rest: its name with spaces).
+_NAMES = {"macro_f1": "macro-F1", "token_f1": "token-F1", "exact_match": "exact match"}
+
+
+def _scores(g: dict[str, Any]) -> str:
+    """``macro-F1 0.612  accuracy 0.700``: every metric of a task's evaluation but loss."""
+    return "  ".join(
+        f"{_NAMES.get(k, k)} {v:.3f}"
+        for k, v in g.items()
+        if k != "loss" and isinstance(v, int | float)
+    )
+
+
 def _progress(line: dict[str, Any]) -> None:
     g = line["global"]
     console.print(
-        f"round {line['round']:>3}  {line['wall_s']:7.1f}s  "
-        f"macro-F1 {g['macro_f1']:.3f}  accuracy {g['accuracy']:.3f}  "
+        f"round {line['round']:>3}  {line['wall_s']:7.1f}s  {_scores(g)}  "
         f"max site ε {_fmt(line['max_epsilon'], 2)}"
         + ("" if line["central_epsilon"] is None else f"  central ε {line['central_epsilon']:.2f}")
     )
@@ -43,21 +55,25 @@ def _progress(line: dict[str, Any]) -> None:
 def _summary_table(summary: dict[str, Any]) -> None:
     g = summary["global"]
     console.print(
-        f"\n[bold]global[/bold] (held-out set): macro-F1 {g['macro_f1']:.3f}  "
-        f"accuracy {g['accuracy']:.3f}  per-class F1 "
-        + ", ".join(
-            f"{name} {f:.2f}" for name, f in zip(summary["labels"], g["per_class_f1"], strict=True)
+        f"\n[bold]global[/bold] (held-out set): {_scores(g)}"
+        + (
+            "  per-class F1 "
+            + ", ".join(
+                f"{n} {f:.2f}" for n, f in zip(summary["labels"], g["per_class_f1"], strict=True)
+            )
+            if "per_class_f1" in g
+            else ""
         )
     )
+    scores = [m for m in summary.get("metrics", ["accuracy", "macro_f1"]) if m != "loss"]
     table = Table(title="sites")
-    for col in ("site", "examples", "val accuracy", "val macro-F1", "ε"):
+    for col in ("site", "examples", *(f"val {_NAMES.get(m, m)}" for m in scores), "ε"):
         table.add_column(col, justify="right")
     for i, (node, s) in enumerate(sorted(summary["sites"].items()), start=1):
         table.add_row(
             f"{i} ({node})",
             str(s["examples"]),
-            _fmt(s["accuracy"]),
-            _fmt(s["macro_f1"]),
+            *(_fmt(s.get(m)) for m in scores),
             _fmt(s["epsilon"], 2),
         )
     console.print(table)
@@ -120,10 +136,19 @@ def simulate(
         Path | None,
         typer.Option(help="root of the sites' state dirs (ledgers); reuse it to keep spending"),
     ] = None,
+    site_rank: Annotated[
+        str | None,
+        typer.Option(help="each simulated site's LoRA rank (flexlora): one, or one per site"),
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="TOML file of run-config keys")] = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="any run-config KEY=VALUE")
     ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(help="a named demo (instruct: SmolLM2; digits: images); flags override it"),
+    ] = None,
+    task: Annotated[str | None, typer.Option(help="seq-cls | causal-lm | image-cls")] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="continue the run in --out from its last round")
     ] = False,
@@ -131,6 +156,7 @@ def simulate(
 ) -> None:
     """Run N simulated sites on this machine with Flower's simulation engine."""
     from fedhaven.config import from_flat, load_toml
+    from fedhaven.presets import preset as preset_overrides
 
     flags: dict[str, Any] = {
         "federation.rounds": rounds,
@@ -144,18 +170,24 @@ def simulate(
         "privacy.epsilon": epsilon,
         "privacy.enabled": False if no_dp else None,
         "model.path": model,
+        "model.task": task,
         "lora.r": lora_r,
         "train.seed": seed,
         "federation.out-dir": str(out) if out else None,
         "federation.resume": True if resume else None,
     }
-    flat = {**(load_toml(config) if config else {}), **_parse_set(set_ or [])}
+    flat = preset_overrides(preset) if preset else {}
+    flat |= {**(load_toml(config) if config else {}), **_parse_set(set_ or [])}
     flat |= {k: v for k, v in flags.items() if v is not None}
     # The sites' own settings (a [sites] table, --site-*) stay out of the run config.
     sites = {k[len("sites.") :]: flat.pop(k) for k in [k for k in flat if k.startswith("sites.")]}
     sites |= {
         k: v
-        for k, v in {"epsilon-budget": site_budget, "state-dir": site_state}.items()
+        for k, v in {
+            "epsilon-budget": site_budget,
+            "state-dir": site_state,
+            "lora-rank": site_rank,
+        }.items()
         if v is not None
     }
     from_flat(flat)  # validate before the heavy imports and anything else starts
@@ -171,6 +203,27 @@ def simulate(
         warnings.filterwarnings("ignore")
     summary = run(flat, progress=_progress, verbose=verbose, sites=sites)
     _summary_table(summary)
+
+
+@app.command()
+def predict(
+    adapter: Annotated[Path, typer.Option(help="a trained adapter directory (RUN/adapter)")],
+    input_path: Annotated[
+        Path, typer.Option("--input", help="rows to predict: csv, jsonl, parquet (or images)")
+    ],
+    output: Annotated[
+        Path | None, typer.Option(help="write .csv or .jsonl (default: JSON lines on stdout)")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="overwrite an existing --output")] = False,
+) -> None:
+    """Apply a trained adapter to new rows: labels with probabilities, or generated text."""
+    from fedhaven import predict as fpredict
+
+    fpredict.check_output(output, force)
+    rows = fpredict.predict(adapter, input_path)
+    fpredict.write(rows, output)
+    if output is not None:
+        console.print(f"{len(rows)} predictions → {output}")
 
 
 ledger_app = typer.Typer(no_args_is_help=True, help="A site's privacy ledger.")
@@ -264,13 +317,18 @@ def certs_site(
 @app.command("coordinator")
 def coordinator_cmd(
     state: Annotated[
-        Path, typer.Option(help="the coordinator's state: SuperLink database, flwr connection")
+        Path,
+        typer.Option(
+            help="the coordinator's state: SuperLink database, flwr connection",
+            readable=False,  # fedhaven checks paths itself, in one line naming the fix
+        ),
     ],
     certs: Annotated[
-        Path | None, typer.Option(help="the PKI from `fedhaven certs init DIR`")
+        Path | None, typer.Option(help="the PKI from `fedhaven certs init DIR`", readable=False)
     ] = None,
     sites: Annotated[
-        Path | None, typer.Option(help="directory of the sites' NAME.pub keys to register")
+        Path | None,
+        typer.Option(help="directory of the sites' NAME.pub keys to register", readable=False),
     ] = None,
     host: Annotated[str, typer.Option(help="address the SuperLink listens on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="the SuperLink's one HTTPS port")] = 9093,
@@ -290,18 +348,29 @@ def coordinator_cmd(
 @app.command("site")
 def site_cmd(
     coordinator: Annotated[str, typer.Option(help="the coordinator's HOST:PORT")],
-    data: Annotated[Path, typer.Option(help="this site's labeled data: csv, jsonl or parquet")],
-    state: Annotated[Path, typer.Option(help="this site's state directory (privacy ledger)")],
+    # readable=False: fedhaven checks these paths itself, in one line naming the fix
+    data: Annotated[
+        Path,
+        typer.Option(help="this site's labeled data: csv, jsonl or parquet", readable=False),
+    ],
+    state: Annotated[
+        Path, typer.Option(help="this site's state directory (privacy ledger)", readable=False)
+    ],
     certs: Annotated[
-        Path | None, typer.Option(help="the coordinator's ca.crt, or the directory holding it")
+        Path | None,
+        typer.Option(help="the coordinator's ca.crt, or the directory holding it", readable=False),
     ] = None,
     key: Annotated[
-        Path | None, typer.Option(help="this site's NAME.key from `fedhaven certs site`")
+        Path | None,
+        typer.Option(help="this site's NAME.key from `fedhaven certs site`", readable=False),
     ] = None,
     epsilon_budget: Annotated[
         float | None, typer.Option(help="this site's ε limit over all its runs")
     ] = None,
     delta: Annotated[float | None, typer.Option(help="this site's δ for that limit")] = None,
+    lora_rank: Annotated[
+        int | None, typer.Option(help="this site's LoRA rank (federation.strategy=flexlora)")
+    ] = None,
     port: Annotated[int, typer.Option(help="the SuperNode's local Runtime API port")] = 9094,
     max_wait: Annotated[
         float, typer.Option(help="seconds to keep retrying an unreachable coordinator")
@@ -321,6 +390,7 @@ def site_cmd(
         state=state,
         epsilon_budget=epsilon_budget,
         delta=delta,
+        lora_rank=lora_rank,
         port=port,
         max_wait_s=max_wait,
         insecure=insecure,
@@ -476,6 +546,42 @@ def tune(
         highlight=False,
         soft_wrap=True,
     )
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Demo data, written to files.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("digits")
+def data_digits(
+    directory: Annotated[Path, typer.Argument(help="a new or empty directory")],
+    split: Annotated[
+        str, typer.Option(help="all | train | test | public (the bundled splits)")
+    ] = "all",
+) -> None:
+    """scikit-learn's digits (8×8 grayscale, 10 classes) as DIRECTORY/<label>/<index>.png."""
+    from fedhaven.tasks.image_cls import export_digits
+
+    n = export_digits(directory, split)
+    console.print(f"{n} digit images ({split}) → {directory}", highlight=False, soft_wrap=True)
+
+
+models_app = typer.Typer(no_args_is_help=True, help="Models prepared for offline use.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("prepare")
+def models_prepare(
+    name: Annotated[str, typer.Argument(help="digits-resnet | smollm2")],
+) -> None:
+    """Build a bundled model once into the cache (FEDHAVEN_CACHE) and print its directory."""
+    from fedhaven.tasks.causal_lm import SMOLLM2, prepare_smollm2
+    from fedhaven.tasks.image_cls import DIGITS_RESNET, prepare_digits_resnet
+
+    prepare = {DIGITS_RESNET: prepare_digits_resnet, SMOLLM2: prepare_smollm2}
+    if name not in prepare:
+        raise FedhavenError(f"unknown model {name!r}: use one of {', '.join(prepare)}")
+    console.print(str(prepare[name]()), highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -48,6 +48,8 @@ CASES = {
         ("--sites", "3", "--site-budget", "8,8"), "'sites.epsilon-budget' = '8,8' is invalid"
     ),
     "unknown-site-key": Case(("--set", "sites.budget=8"), "unknown site setting 'sites.budget'"),
+    "unknown-preset": Case(("--preset", "poems"), "unknown preset 'poems': use one of digits"),
+    "unknown-task": Case(("--task", "poems"), "config 'model.task' = 'poems' is invalid"),
 }
 
 
