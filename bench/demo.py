@@ -7,44 +7,64 @@ table from their summary.json files. Extra arguments go to every run (e.g. --rou
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
-PRESET = str(Path(__file__).resolve().parents[1] / "presets" / "no-dp.toml")
+from common import PRESET, majority_baseline, md_table, report, simulate, trajectory
 
+from fedhaven.config import from_flat
 
-def run(out: Path, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "fedhaven.cli", "simulate", "--out", str(out), *extra]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return json.loads((out / "summary.json").read_text())
+RUNS = {
+    "DP ε=8": [],
+    "no DP (same defaults)": ["--no-dp"],
+    "no DP (presets/no-dp.toml)": ["--config", PRESET],
+}
 
 
 def main() -> None:
     extra = sys.argv[1:]
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = [
-            ("DP ε=8", run(Path(tmp, "dp"), extra)),
-            ("no DP (same defaults)", run(Path(tmp, "nodp"), [*extra, "--no-dp"])),
-            ("no DP (presets/no-dp.toml)", run(Path(tmp, "preset"), [*extra, "--config", PRESET])),
-        ]
-    print("| run | macro-F1 | accuracy | per-class F1 | max site ε | wall s |")
-    print("|---|---|---|---|---|---|")
-    for name, s in rows:
+    runs = {name: simulate(f"demo: {name}", [*extra, *args]) for name, args in RUNS.items()}
+    rows, data = [], []
+    for name, run in runs.items():
+        s = run.summary
         g = s["global"]
-        pc = " / ".join(f"{f:.2f}" for f in g["per_class_f1"])
         eps = "-" if s["max_epsilon"] is None else f"{s['max_epsilon']:.2f}"
-        cells = [
-            name,
-            f"{g['macro_f1']:.3f}",
-            f"{g['accuracy']:.3f}",
-            pc,
-            eps,
-            f"{s['wall_s']:.0f}",
-        ]
-        print("| " + " | ".join(cells) + " |")
+        pc = " / ".join(f"{f:.2f}" for f in g["per_class_f1"])
+        rows.append(
+            [name, f"{g['macro_f1']:.3f}", f"{g['accuracy']:.3f}", pc, eps, f"{s['wall_s']:.0f}",
+             f"{run.command_s:.0f}"]
+        )  # fmt: skip
+        data.append(
+            {
+                "name": name,
+                "macro_f1": g["macro_f1"],
+                "accuracy": g["accuracy"],
+                "per_class_f1": g["per_class_f1"],
+                "max_epsilon": s["max_epsilon"],
+                "wall_s": s["wall_s"],
+                "command_s": run.command_s,
+                "rounds": s["rounds"],
+                "trajectory": trajectory(run),
+                "shared": run.shared,
+            }
+        )
+    header = ["run", "macro-F1", "accuracy", "per-class F1", "max site ε", "run s", "command s"]
+    cfg = from_flat(runs["DP ε=8"].summary["config"])
+    majority = majority_baseline(cfg)
+    report(
+        "demo",
+        md_table(header, rows),
+        [
+            f"\nalways answering {majority['label']!r}: accuracy {majority['accuracy']:.3f}, "
+            f"macro-F1 {majority['macro_f1']:.3f}"
+        ],
+        runs=data,
+        majority=majority,
+        labels=runs["DP ε=8"].summary["labels"],
+        sites=cfg.federation.sites,
+        rounds=cfg.federation.rounds,
+        partition=cfg.data.partition,
+        args=extra,
+    )
 
 
 if __name__ == "__main__":

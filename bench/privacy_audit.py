@@ -9,52 +9,58 @@ simulate run (e.g. --rounds 3).
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
-from typing import Any
+
+from common import md_table, report, simulate, status
 
 from fedhaven.audit import audit
 
 RUNS = {"no DP": ["--no-dp"], "DP ε=8": [], "DP ε=1": ["--epsilon", "1"]}
-
-
-def simulate(out: Path, extra: list[str]) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "fedhaven.cli", "simulate", "--out", str(out), *extra]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return json.loads((out / "summary.json").read_text())
+GOAL = 0.55  # attack AUC at ε=8
 
 
 def main() -> None:
     extra = sys.argv[1:]
-    rows, timings = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, args) in enumerate(RUNS.items()):
-            out = Path(tmp, f"run{i}")
-            t0 = time.perf_counter()
-            summary = simulate(out, [*extra, *args])
-            t1 = time.perf_counter()
-            rows.append((name, summary, audit(out)))
-            timings.append(
-                f"{name}: simulate {t1 - t0:.0f} s, audit {time.perf_counter() - t1:.0f} s"
-            )
-    print("| run | AUC [95% CI] | members/non-members | global accuracy | macro-F1 | max site ε |")
-    print("|---|---|---|---|---|---|")
-    for name, s, a in rows:
+    rows, data = [], []
+    for name, args in RUNS.items():
+        run = simulate(f"privacy audit: {name}", [*extra, *args])
+        status(f"privacy audit: attacking {name}")
+        t0 = time.perf_counter()
+        a = audit(run.run_dir)
+        audit_s = time.perf_counter() - t0
+        s = run.summary
         eps = "-" if s["max_epsilon"] is None else f"{s['max_epsilon']:.2f}"
-        cells = [
-            name,
-            f"{a['auc']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}]",
-            f"{a['members']}/{a['non_members']}",
-            f"{s['global']['accuracy']:.3f}",
-            f"{s['global']['macro_f1']:.3f}",
-            eps,
-        ]
-        print("| " + " | ".join(cells) + " |")
-    print("\n" + "; ".join(timings))
+        rows.append(
+            [
+                name,
+                f"{a['auc']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}]",
+                f"{a['members']} / {a['non_members']}",
+                f"{s['global']['accuracy']:.3f}",
+                f"{s['global']['macro_f1']:.3f}",
+                eps,
+            ]
+        )
+        data.append(
+            {
+                "name": name,
+                **{k: a[k] for k in ("auc", "ci_low", "ci_high", "members", "non_members")},
+                "bootstrap": a["bootstrap"],
+                "accuracy": s["global"]["accuracy"],
+                "macro_f1": s["global"]["macro_f1"],
+                "max_epsilon": s["max_epsilon"],
+                "simulate_s": run.command_s,
+                "audit_s": audit_s,
+                "shared": run.shared,
+            }
+        )
+    header = ["run", "attack AUC [95% CI]", "members / non-members", "global accuracy",
+              "macro-F1", "max site ε"]  # fmt: skip
+    timings = "; ".join(
+        f"{d['name']}: simulate {d['simulate_s']:.0f} s, audit {d['audit_s']:.0f} s" for d in data
+    )
+    report("privacy_audit", md_table(header, rows), ["\n" + timings], runs=data, goal=GOAL,
+           args=extra)  # fmt: skip
 
 
 if __name__ == "__main__":

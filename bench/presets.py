@@ -1,0 +1,78 @@
+"""The demos beyond text classification: `fedhaven simulate --preset instruct` (SmolLM2 on
+instructions) and `--preset digits` (a small ResNet on images).
+
+Per preset: the federated run with DP (its command's wall time is the preset's goal: under
+10 minutes on a 2-core CPU box) and without (--no-dp); then the same rows pooled in one place
+and trained centrally through the same `training.train_round`, for the same rounds and
+steps, with and without DP (bench/common.py: `centralized`). Throughput is training examples
+per second in the centralized runs' training phase (one process, the same loop, the same
+model), so DP / no DP is the price of per-example clipping and noise on that model. The
+metric is the task's first: token-F1 of greedy answers (instruct), macro-F1 (digits).
+
+    python bench/presets.py [--only digits] [-- extra simulate args, e.g. --rounds 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from common import centralized, md_table, report, simulate
+
+from fedhaven.config import from_flat
+from fedhaven.presets import PRESETS
+from fedhaven.tasks import get_task
+
+NAMES = {"token_f1": "token-F1", "macro_f1": "macro-F1"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--only", help="comma-separated preset names (default: all)")
+    a, extra = ap.parse_known_args()
+    extra = [x for x in extra if x != "--"]
+    names = a.only.split(",") if a.only else sorted(PRESETS)
+    rows, data = [], []
+    for name in names:
+        runs = {
+            dp: simulate(f"presets: {name}, {dp}", ["--preset", name, *extra, *args])
+            for dp, args in (("DP", []), ("no DP", ["--no-dp"]))
+        }
+        cfg = from_flat(runs["DP"].summary["config"])
+        metric = get_task(cfg).primary_metric
+        central = {
+            dp: centralized(run.summary["config"], f"{name}, {dp}") for dp, run in runs.items()
+        }
+        speed = {dp: c["samples"] / c["train_s"] for dp, c in central.items()}
+        entry: dict[str, Any] = {
+            "preset": name,
+            "task": cfg.model.task,
+            "metric": metric,
+            "sites": cfg.federation.sites,
+            "rounds": cfg.federation.rounds,
+            "command_s": runs["DP"].command_s,
+            "samples_per_s": speed,
+            "dp_slowdown": speed["no DP"] / speed["DP"],
+        }
+        for dp, run in runs.items():
+            entry[f"federated {dp}"] = run.summary["global"][metric]
+            entry[f"centralized {dp}"] = central[dp]["evaluation"][metric]
+        entry["max_epsilon"] = runs["DP"].summary["max_epsilon"]
+        data.append(entry)
+        rows.append(
+            [f"`--preset {name}` ({cfg.model.task})", NAMES.get(metric, metric),
+             f"{entry['federated DP']:.3f}", f"{entry['centralized DP']:.3f}",
+             f"{entry['federated no DP']:.3f}", f"{entry['centralized no DP']:.3f}",
+             f"{entry['command_s'] / 60:.1f}", f"{speed['DP']:.1f}", f"{speed['no DP']:.1f}",
+             f"{entry['dp_slowdown']:.2f}"]
+        )  # fmt: skip
+    header = [
+        "preset", "metric", "federated, DP ε=8", "centralized, DP ε=8", "federated, no DP",
+        "centralized, no DP", "DP run, min", "DP examples/s", "no-DP examples/s",
+        "DP slowdown",
+    ]  # fmt: skip
+    report("presets", md_table(header, rows), presets=data, args=extra)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""bench/render.py: BENCHMARKS.md's judgements follow the numbers, and a benchmark that did
+not run leaves its heading and a note, not a stale table (synthetic results, no benchmark
+runs)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import render
+
+RECORD: dict[str, Any] = {
+    "date": "2026-11-25T18:00:00+00:00",
+    "quick": False,
+    "suite_seconds": 1500.0,
+    "machine": {
+        "cpu": "AMD EPYC",
+        "cores": 2,
+        "ram_gib": 23.4,
+        "os": "Linux 6",
+        "python": "3.11.7",
+        "packages": {"torch": "2.13.0", "flwr": "1.42.0"},
+        "cuda": None,
+        "torch_cuda": None,
+    },
+    "scripts": {"demo": {"args": [], "seconds": 600.0, "rc": 0}},
+}
+
+
+def _overhead(sim_wall: float, loop_wall: float) -> dict[str, Any]:
+    loop = {
+        "setup": 5.0,
+        "train": 60.0,
+        "first_round_extra": 1.0,
+        "evaluate_sites": 10.0,
+        "evaluate_global": 20.0,
+        "other": loop_wall - 95.0,
+    }
+    extra = sim_wall - loop_wall
+    sim = {**loop, "train": 60.0 + extra, "first_round_extra": 1.0 + extra}
+    return {
+        "table": "| t |",
+        "ratio": sim_wall / loop_wall,
+        "command_ratio": 1.0,
+        "goal": 1.15,
+        "simulated": {"phases": sim, "wall_s": sim_wall, "command_s": 0.0},
+        "in_process": {"phases": loop, "wall_s": loop_wall, "command_s": 0.0},
+        "macro_f1": {"simulated": 0.35, "in_process": 0.38},
+        "rounds": 5,
+        "sites": 4,
+    }
+
+
+@pytest.mark.parametrize(("sim_wall", "status"), [(110.0, "met"), (135.0, "not met")])
+def test_the_overhead_goal_and_where_the_time_goes_come_from_the_numbers(
+    sim_wall: float, status: str
+) -> None:
+    fields = render.federation_overhead({"federation_overhead": _overhead(sim_wall, 100.0)}, {})
+    assert fields["goal_status"] == status
+    assert fields["ratio"] == f"{sim_wall / 100:.2f}"
+    extra = sim_wall - 100.0
+    assert fields["largest_sentence"] == (
+        f"Where the simulation's {extra:.0f} extra seconds go: training +{extra:.1f} s "
+        f"(of which round 1 over the median round: +{extra:.1f} s)."
+    )
+
+
+def _scale(peaks: dict[int, float]) -> dict[str, Any]:
+    results = [
+        {"sites": n, "rows": 600 * (5 if n == 1000 else 1), "copies": 5 if n == 1000 else 1,
+         "peak_gib": gib, "s_per_round": n / 20, "macro_f1": 0.3}
+        for n, gib in peaks.items()
+    ]  # fmt: skip
+    return {"table": "| s |", "results": results, "rounds": 2, "per_round": 10,
+            "goal": {"sites": 100, "gib": 4.0}}  # fmt: skip
+
+
+def test_the_scale_goal_and_growth_follow_the_peaks() -> None:
+    flat = render.scale({"scale": _scale({10: 4.5, 100: 3.6, 1000: 3.4})}, {})
+    assert flat["goal_status"] == "met (3.60 GiB)"
+    assert flat["growth_sentence"].startswith("Memory does not grow")
+    assert flat["peak_sentence"].startswith("; the 10-site run peaks highest because each")
+    assert flat["sizes"] == "10, 100 and 1000"
+    assert "repeated 5 times" in flat["data_note"]
+
+    grows = render.scale({"scale": _scale({10: 3.0, 100: 4.2, 1000: 6.0})}, {})
+    assert grows["goal_status"] == "not met (4.20 GiB)"
+    assert grows["growth_sentence"].startswith("Memory grows with the number of sites")
+    assert grows["peak_sentence"] == "; the 1000-site run peaks highest."
+
+
+def _audit(intervals: list[tuple[float, float]]) -> dict[str, Any]:
+    names = ["no DP", "DP ε=8", "DP ε=1"]
+    runs = [
+        {"name": n, "auc": (lo + hi) / 2, "ci_low": lo, "ci_high": hi, "members": 115,
+         "non_members": 115, "bootstrap": 1000, "accuracy": 0.5 + i / 10, "macro_f1": 0.3,
+         "max_epsilon": None, "simulate_s": 100.0, "audit_s": 5.0}
+        for i, (n, (lo, hi)) in enumerate(zip(names, intervals, strict=True))
+    ]  # fmt: skip
+    return {"privacy_audit": {"table": "| a |", "runs": runs, "goal": 0.55}}
+
+
+def test_the_audit_says_whether_the_attack_beats_chance() -> None:
+    chance = render.privacy_audit(_audit([(0.49, 0.64), (0.46, 0.61), (0.47, 0.61)]), {})
+    assert chance["contain_half"] == "all three"
+    assert "does not distinguish the runs" in chance["interval_sentence"]
+    assert chance["goal_status"] == "met"  # ε=8: AUC 0.535
+    assert chance["nodp_accuracy_sentence"] == ", hence its lower accuracy."
+
+    beaten = render.privacy_audit(_audit([(0.55, 0.70), (0.50, 0.64), (0.47, 0.61)]), {})
+    assert beaten["contain_half"] == "two of the three"
+    assert beaten["interval_sentence"] == "the attack does better than chance on no DP."
+    assert beaten["goal_status"] == "not met"  # ε=8: AUC 0.57
+
+
+def test_a_benchmark_that_did_not_run_keeps_its_heading_and_says_so() -> None:
+    text = render.render({}, {**RECORD, "quick": True})
+    assert text.startswith("# Benchmarks\n\n**A quick smoke run")
+    assert (
+        "## The default demo, with and without DP — what privacy costs\n\n"
+        "_Not available: `bench/demo.py` did not run in this suite._"
+    ) in text
+    assert "## Scale: … simulated sites, … sampled per round\n\n_Not available" in text
+    assert "| `demo.py` | `(defaults)` | 10.0 | ok |" in text
+    assert "Total: 25.0 min (goal < 30 min on a 2-core box: met)." in text
+    assert "{" not in text  # every field filled
