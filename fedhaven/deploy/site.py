@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import socket
 import ssl
+import time
 from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -47,6 +48,8 @@ MAX_WAIT_S = 120.0
 # What flower-supernode 1.42 logs when it stops retrying the SuperLink. At startup it then
 # exits; after a connection was up it only logs the error and keeps running, unconnected.
 GAVE_UP = "Giving up reconnection"
+#: Seconds between tries when the coordinator refuses to activate the site's key.
+ACTIVATION_RETRY_S = 10.0
 CONNECTED = "SuperNode ID:"
 # OpenSSL's verify codes (X509_V_ERR_*) that have a fix of their own
 _CERT_NOT_YET_VALID, _CERT_EXPIRED, _NAME_MISMATCH = 9, 10, (62, 64)  # 64: an IP address
@@ -207,6 +210,11 @@ def supernode_command(
     return command
 
 
+def refused(output: str) -> bool:
+    """Whether the SuperNode ended because the coordinator would not activate its key."""
+    return "Failed to activate SuperNode" in output or "[code: 2004]" in output
+
+
 def explain_exit(
     code: int | None,
     output: str,
@@ -217,11 +225,12 @@ def explain_exit(
 ) -> str:
     """One line saying why the SuperNode ended, from what it printed last and whether it
     had been connected."""
-    if "Failed to activate SuperNode" in output or "[code: 2004]" in output:
+    if refused(output):
         return (
-            f"the coordinator at {superlink} refused this site's key '{key}': it is not "
-            "registered there; send NAME.pub to the coordinator, who registers it "
-            "(`fedhaven coordinator --sites DIR`)"
+            f"the coordinator at {superlink} refused this site's key '{key}' for "
+            f"{max_wait_s:g} s: it is not registered there (send NAME.pub to the coordinator, "
+            "who registers it: `fedhaven coordinator --sites DIR`), or another process "
+            "serves this site with the same key (stop it)"
         )
     if "CERTIFICATE_VERIFY_FAILED" in output or "SSL/TLS handshake" in output:
         return (
@@ -305,24 +314,40 @@ def serve(
         max_wait_s=max_wait_s,
         executable=supernode,
     )
+    deadline = time.monotonic() + max_wait_s
     with interrupt_on_signals():
-        node = None
-        try:
-            node = FlowerProcess(
-                "flower-supernode",
-                command,
-                flower_env(flwr_home),
-                watch=(CONNECTED,),
-                fatal=(GAVE_UP,),
-            )
-            say(f"site connecting to the coordinator at {coordinator}; Ctrl-C stops it.")
-            code = node.wait()
-        except KeyboardInterrupt:
-            say("stopping the SuperNode")
-            return
-        finally:
-            if node is not None:
-                node.stop()
+        while True:
+            node = None
+            try:
+                node = FlowerProcess(
+                    "flower-supernode",
+                    command,
+                    flower_env(flwr_home),
+                    watch=(CONNECTED,),
+                    fatal=(GAVE_UP,),
+                )
+                say(f"site connecting to the coordinator at {coordinator}; Ctrl-C stops it.")
+                code = node.wait()
+                # A site restarted soon after a crash (its own or the coordinator's) is still
+                # online in the coordinator's eyes, which refuses it like an unknown key until
+                # its heartbeats lapse (Flower: 2 x 30 s): try again while --max-wait allows.
+                retry = code != 0 and refused(node.output()) and CONNECTED not in node.seen
+                if retry and time.monotonic() + ACTIVATION_RETRY_S < deadline:
+                    say(
+                        f"the coordinator refused this site's key; trying again in "
+                        f"{ACTIVATION_RETRY_S:g} s (a site it still counts as connected is "
+                        "freed about a minute after its last heartbeat)"
+                    )
+                    node.stop()
+                    time.sleep(ACTIVATION_RETRY_S)
+                    continue
+            except KeyboardInterrupt:
+                say("stopping the SuperNode")
+                return
+            finally:
+                if node is not None:
+                    node.stop()
+            break
     if code != 0:
         connected = CONNECTED in node.seen
         output = node.output()

@@ -102,7 +102,13 @@ def test_coordinator_killed_after_round_1_resumes_without_repeating_it(
         # then site-b, then submits the run again with resume on
         run_line = procs.start_coordinator(port)
         assert "site site-a: already registered" in procs.log("coordinator", since_start=True)
-        procs.start_site("site-b", address, "--max-wait", "3")
+        # The coordinator counts site-b as connected until its heartbeats lapse (about a
+        # minute) and refuses it meanwhile: `fedhaven site` tries again within --max-wait.
+        # The operator submits once both sites are back (a round sent meanwhile would go to
+        # site-b's stale connection and come back as an error).
+        procs.start_site("site-b", address)
+        procs.wait_for("site-b", CONNECTED, 150)
+        wait_until(lambda: "Connection successful after" in procs.log("site-a"), 150, "site-a back")
         second = procs.flwr_run(run_line, {**config, "federation.resume": True}, "flwr-run-2")
         assert second.wait(RUN_TIMEOUT_S) == 0, procs.log("flwr-run-2")[-4000:]
         resumed_s = time.monotonic() - crashed_at

@@ -45,7 +45,10 @@ def deployment(
         out["run_line"] = run_line
         procs.start_site("site-a", address, "--epsilon-budget", "100", "--delta", "1e-5")
         procs.start_site("site-b", address)
-        procs.start_site("intruder", address, key_dir="other-keys", data="site-a.csv")
+        # refused at every try: it gives up after its --max-wait (tries every 10 s)
+        procs.start_site(
+            "intruder", address, "--max-wait", "15", key_dir="other-keys", data="site-a.csv"
+        )
 
         t1 = time.monotonic()
         run = procs.flwr_run(

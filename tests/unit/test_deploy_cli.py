@@ -666,3 +666,68 @@ def test_cli_process_prints_one_line(tmp_path: Path) -> None:
         f"`fedhaven certs init {tmp_path / 'x'}`"
     ]
     assert not (tmp_path / "state").exists()
+
+
+# ---------------------------------------------------------------- activation retries
+
+FAKE_SUPERNODE = """#!{python}
+import pathlib, sys
+tries = pathlib.Path({count!r})
+n = int(tries.read_text()) + 1 if tries.exists() else 1
+tries.write_text(str(n))
+if n <= {refusals}:
+    print("ERROR: Exit Code: 305\\n[code: 2004] Failed to activate SuperNode.", flush=True)
+    sys.exit(1)
+print("INFO: SuperNode ID: 42", flush=True)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve_with_fake_supernode(
+    tmp_path: Path,
+    pki: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    refusals: int,
+    max_wait_s: float = 60,
+) -> Path:
+    """Run ``site.serve`` against a SuperNode that is refused ``refusals`` times, then
+    connects and ends; the file returned counts its starts."""
+    count = tmp_path / "starts"
+    fake = tmp_path / "flower-supernode"
+    fake.write_text(
+        FAKE_SUPERNODE.format(python=sys.executable, count=str(count), refusals=refusals)
+    )
+    fake.chmod(0o755)
+    monkeypatch.setattr(site, "executable", lambda _: str(fake))
+    monkeypatch.setattr(site, "ACTIVATION_RETRY_S", 0.05)
+    site.serve(
+        coordinator=f"127.0.0.1:{_free_port()}",  # nobody there: the TLS check passes
+        certs=pki["certs"],
+        key=pki["key"],
+        data=pki["data"],
+        state=tmp_path / "state",
+        port=_free_port(),
+        max_wait_s=max_wait_s,
+    )
+    return count
+
+
+def test_a_refused_site_tries_again_until_the_coordinator_takes_it(
+    tmp_path: Path, pki: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a coordinator restarted after a crash refuses a site it still counts as connected
+    count = _serve_with_fake_supernode(tmp_path, pki, monkeypatch, refusals=2)
+    assert count.read_text() == "3"
+
+
+def test_a_site_refused_for_all_of_max_wait_says_why_in_one_line(
+    tmp_path: Path, pki: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(FedhavenError, match=r"refused this site's key .* for 2 s: it is not reg"):
+        _serve_with_fake_supernode(tmp_path, pki, monkeypatch, refusals=10**6, max_wait_s=2)
+    assert int((tmp_path / "starts").read_text()) >= 2  # it did try again
