@@ -2,9 +2,9 @@
 instructions) and `--preset digits` (a small ResNet on images).
 
 Per preset: the federated run with DP (its command's wall time is the preset's goal: under
-10 minutes on a 2-core CPU box) and without (--no-dp); then the same rows pooled in one place
-and trained centrally through the same `training.train_round`, for the same rounds and
-steps, with and without DP (bench/common.py: `centralized`). Throughput is training examples
+10 minutes on a 2-core CPU box); then the same rows pooled in one place and trained centrally
+through the same `training.train_round`, for the same rounds and steps, with and without DP
+(bench/common.py: `centralized`). Throughput is training examples
 per second in the centralized runs' training phase (one process, the same loop, the same
 model), so DP / no DP is the price of per-example clipping and noise on that model. The
 metric is the task's first: token-F1 of greedy answers (instruct), macro-F1 (digits).
@@ -34,14 +34,13 @@ def main() -> None:
     names = a.only.split(",") if a.only else sorted(PRESETS)
     rows, data = [], []
     for name in names:
-        runs = {
-            dp: simulate(f"presets: {name}, {dp}", ["--preset", name, *extra, *args])
-            for dp, args in (("DP", []), ("no DP", ["--no-dp"]))
-        }
-        cfg = from_flat(runs["DP"].summary["config"])
+        run = simulate(f"presets: {name}", ["--preset", name, *extra])
+        flat = run.summary["config"]
+        cfg = from_flat(flat)
         metric = get_task(cfg).primary_metric
         central = {
-            dp: centralized(run.summary["config"], f"{name}, {dp}") for dp, run in runs.items()
+            "DP": centralized(flat, f"{name}, DP"),
+            "no DP": centralized({**flat, "privacy.enabled": False}, f"{name}, no DP"),
         }
         speed = {dp: c["samples"] / c["train_s"] for dp, c in central.items()}
         entry: dict[str, Any] = {
@@ -50,26 +49,25 @@ def main() -> None:
             "metric": metric,
             "sites": cfg.federation.sites,
             "rounds": cfg.federation.rounds,
-            "command_s": runs["DP"].command_s,
+            "command_s": run.command_s,
+            "federated DP": run.summary["global"][metric],
+            "max_epsilon": run.summary["max_epsilon"],
             "samples_per_s": speed,
             "dp_slowdown": speed["no DP"] / speed["DP"],
         }
-        for dp, run in runs.items():
-            entry[f"federated {dp}"] = run.summary["global"][metric]
-            entry[f"centralized {dp}"] = central[dp]["evaluation"][metric]
-        entry["max_epsilon"] = runs["DP"].summary["max_epsilon"]
+        for dp, c in central.items():
+            entry[f"centralized {dp}"] = c["evaluation"][metric]
         data.append(entry)
         rows.append(
             [f"`--preset {name}` ({cfg.model.task})", NAMES.get(metric, metric),
              f"{entry['federated DP']:.3f}", f"{entry['centralized DP']:.3f}",
-             f"{entry['federated no DP']:.3f}", f"{entry['centralized no DP']:.3f}",
+             f"{entry['centralized no DP']:.3f}",
              f"{entry['command_s'] / 60:.1f}", f"{speed['DP']:.1f}", f"{speed['no DP']:.1f}",
              f"{entry['dp_slowdown']:.2f}"]
         )  # fmt: skip
     header = [
-        "preset", "metric", "federated, DP ε=8", "centralized, DP ε=8", "federated, no DP",
-        "centralized, no DP", "DP run, min", "DP examples/s", "no-DP examples/s",
-        "DP slowdown",
+        "preset", "metric", "federated, DP ε=8", "centralized, DP ε=8", "centralized, no DP",
+        "DP run, min", "DP examples/s", "no-DP examples/s", "DP slowdown",
     ]  # fmt: skip
     report("presets", md_table(header, rows), presets=data, args=extra)
 

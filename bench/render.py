@@ -411,7 +411,7 @@ def presets(r: Results, record: dict[str, Any]) -> dict[str, Any]:
             f"`--preset {p['preset']}`: the DP run took {minutes:.1f} min (goal < 10 min: "
             f"{met(minutes < 10)}); DP trains {p['dp_slowdown']:.2f}× slower than without; "
             f"federated with DP reaches {f3(p['federated DP'])} against {f3(p['centralized DP'])} "
-            f"centralized with DP and {f3(p['centralized no DP'])} centralized without."
+            f"centralized with DP and {f3(p['centralized no DP'])} centralized without DP."
         )
     return {"table": d["table"], "preset_sentences": "\n- ".join(sentences)}
 
