@@ -81,7 +81,7 @@ def _summary_table(summary: dict[str, Any]) -> None:
     console.print(
         f"rounds {summary['rounds']}  wall {summary['wall_s']:.0f}s  "
         f"{summary['bytes_per_site_round'] / 1e6:.2f} MB per site per round "
-        f"(full model {summary['full_model_bytes'] / 1e6:.0f} MB)  "
+        f"(full model {summary['full_model_bytes'] / 1e6:.3g} MB)  "
         + (f"δ {delta:g}  " if delta else "no DP  ")
         + (
             f"central DP ({central['mode']}): site-level ε {central['epsilon']:.2f}  "
