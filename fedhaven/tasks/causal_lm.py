@@ -220,9 +220,12 @@ def _fit(ids: list[int], n: int) -> list[int]:
     return ids[:head] + ids[len(ids) - (n - head) :]
 
 
+_PUNCTUATION = frozenset(string.punctuation)
+
+
 def normalize_answer(text: str) -> list[str]:
     """SQuAD's normalisation: lower case, no punctuation, no articles, split on whitespace."""
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
     return re.sub(r"\b(a|an|the)\b", " ", text).split()
 
 
