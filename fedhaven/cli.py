@@ -155,7 +155,7 @@ def simulate(
     verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's logs")] = False,
 ) -> None:
     """Run N simulated sites on this machine with Flower's simulation engine."""
-    from fedhaven.config import from_flat, load_toml
+    from fedhaven.config import EPSILON_BUDGET, LORA_RANK, STATE_DIR, from_flat, load_toml
     from fedhaven.presets import preset as preset_overrides
 
     flags: dict[str, Any] = {
@@ -184,9 +184,9 @@ def simulate(
     sites |= {
         k: v
         for k, v in {
-            "epsilon-budget": site_budget,
-            "state-dir": site_state,
-            "lora-rank": site_rank,
+            EPSILON_BUDGET: site_budget,
+            STATE_DIR: site_state,
+            LORA_RANK: site_rank,
         }.items()
         if v is not None
     }
