@@ -204,8 +204,9 @@ def _markdown(summary: dict[str, Any], rounds: list[dict[str, Any]], names: dict
         "",
         "| round | wall s | "
         + " | ".join(_title(m) for m in [*scores, *(m for m in metrics if m not in scores)])
-        + " | max site ε | central ε | sites used | rejected | bytes received |",
-        "|---|---|" + "---|" * len(metrics) + "---|---|---|---|---|",
+        + " | max site ε | central ε | sites used | rejected | bytes received "
+        "| update norm, median / max |",
+        "|---|---|" + "---|" * len(metrics) + "---|---|---|---|---|---|",
     ]
     for r in rounds:
         values = [r["global"][m] for m in [*scores, *(m for m in metrics if m not in scores)]]
@@ -214,7 +215,8 @@ def _markdown(summary: dict[str, Any], rounds: list[dict[str, Any]], names: dict
             + " | ".join(f"{v:.3f}" for v in values)
             + f" | {_fmt(r['max_epsilon'], 2)} | {_fmt(r.get('central_epsilon'), 2)} "
             f"| {r.get('sites_used', '-')} | {r.get('rejected', '-')} "
-            f"| {r.get('bytes_received', '-')} |"
+            f"| {r.get('bytes_received', '-')} "
+            f"| {_fmt(r.get('update_norm_median'), 3)} / {_fmt(r.get('update_norm_max'), 3)} |"
         )
     lines += [
         "",

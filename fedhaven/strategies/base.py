@@ -71,7 +71,7 @@ class Validated(NormBounded):
         #: round -> node id -> {MessageType.TRAIN / EVALUATE: metrics of that site's reply}
         self.site_metrics: dict[int, dict[int, dict[str, dict[str, Any]]]] = {}
         #: round -> {"bytes_sent", "bytes_received", "sites_used", "rejected"}
-        self.round_stats: dict[int, dict[str, int]] = {}
+        self.round_stats: dict[int, dict[str, float | None]] = {}
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to go on with this rule: nothing, for a rule that keeps
@@ -238,6 +238,7 @@ class Validated(NormBounded):
         it touches the replies (clips them, say), and hands :meth:`aggregate_train` the
         replies it returned (or none at all): they are not screened twice."""
         accepted = self._accept(server_round, replies, train=True)
+        norms = self.update_norms(accepted)
         # before the rule: Flower's FedMedian and FedTrimmedAvg pop the arrays from the replies
         self.round_stats[server_round] = {
             "bytes_sent": sum(
@@ -249,6 +250,10 @@ class Validated(NormBounded):
             ),
             "sites_used": len(accepted),
             "rejected": len(replies) - len(accepted),
+            # what a coordinator needs to pick federation.update-norm-bound, and to see a
+            # hostile site: the spread of the accepted updates' L2 norms
+            "update_norm_median": float(np.median(norms)) if norms else None,
+            "update_norm_max": max(norms, default=None),
         }
         self._unanswered(server_round, replies)
         self._require_minimum(server_round, replies, len(accepted))

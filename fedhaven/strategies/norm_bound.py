@@ -77,9 +77,23 @@ class NormBounded(FlowerFedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        if self.update_norm_bound or self.max_update_norm:
-            self._sent = {k: a.numpy() for k, a in arrays.items()}
+        # kept every round (the adapter is small): the round's update norms are reported
+        self._sent = {k: a.numpy() for k, a in arrays.items()}
         return super().configure_train(server_round, arrays, config, grid)
+
+    def update_norms(self, replies: Iterable[Message]) -> list[float]:
+        """Each train reply's update norm against the adapter sent this round.
+
+        Replies whose tensors are not the sent ones' shapes (a flexlora site's own rank)
+        have no update in that space and are left out.
+        """
+        sent = self._sent or {}
+        norms = []
+        for msg in replies:
+            reply = {k: a.numpy() for k, a in msg.content[self.arrayrecord_key].items()}
+            if reply.keys() == sent.keys() and all(reply[k].shape == sent[k].shape for k in sent):
+                norms.append(update_norm(reply, sent))
+        return norms
 
     def _sent_arrays(self) -> dict[str, np.ndarray]:
         if self._sent is None:

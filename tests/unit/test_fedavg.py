@@ -141,6 +141,8 @@ def test_every_reply_rejected_gives_no_update() -> None:
         "bytes_received": 0,
         "sites_used": 0,
         "rejected": 2,
+        "update_norm_median": None,
+        "update_norm_max": None,
     }
 
 
@@ -206,3 +208,18 @@ def test_evaluate_reply_with_arrays_is_rejected() -> None:
     metrics = strategy.aggregate_evaluate(1, [leaky, reply(22, None, num_examples=2, accuracy=0.5)])
     assert metrics is not None and metrics[protocol.ACCURACY] == pytest.approx(0.5)
     assert set(strategy.site_metrics[1]) == {22}
+
+
+def test_round_stats_report_update_norms_against_the_adapter_sent() -> None:
+    strategy = FedAvg()
+    sent = torch.zeros(2, 2)
+    list(strategy.configure_train(1, ArrayRecord({"w": sent}), ConfigRecord(), FakeGrid([1, 2, 3])))
+    # updates (reply − sent) of L2 norm 1, 2 and 10: [[1,0],[0,0]], [[0,0],[0,2]], [[6,8],[0,0]]
+    replies = [
+        reply(1, {"w": torch.tensor([[1.0, 0.0], [0.0, 0.0]])}, num_examples=1),
+        reply(2, {"w": torch.tensor([[0.0, 0.0], [0.0, 2.0]])}, num_examples=1),
+        reply(3, {"w": torch.tensor([[6.0, 8.0], [0.0, 0.0]])}, num_examples=1),
+    ]
+    strategy.aggregate_train(1, replies)
+    assert strategy.round_stats[1]["update_norm_median"] == pytest.approx(2.0)
+    assert strategy.round_stats[1]["update_norm_max"] == pytest.approx(10.0)

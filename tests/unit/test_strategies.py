@@ -107,6 +107,9 @@ def test_every_rule_drops_a_malformed_reply_and_keeps_round_stats(name: str) -> 
         "bytes_received": 3 * one,
         "sites_used": 3,
         "rejected": 1,
+        # the accepted updates 0.1·n·ones(2, 2): L2 norms 0.2, 0.4, 0.6
+        "update_norm_median": pytest.approx(0.4),
+        "update_norm_max": pytest.approx(0.6),
     }
     assert set(strategy.site_metrics[1]) == {1, 2, 3}
 
