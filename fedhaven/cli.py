@@ -140,6 +140,13 @@ def simulate(
         str | None,
         typer.Option(help="each simulated site's LoRA rank (flexlora): one, or one per site"),
     ] = None,
+    site_update_scale: Annotated[
+        str | None,
+        typer.Option(
+            help="research: each simulated site's update is multiplied by this before it is "
+            "sent (one per site, e.g. 100,1,1 for one hostile site); default 1"
+        ),
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="TOML file of run-config keys")] = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="any run-config KEY=VALUE")
@@ -155,7 +162,14 @@ def simulate(
     verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's logs")] = False,
 ) -> None:
     """Run N simulated sites on this machine with Flower's simulation engine."""
-    from fedhaven.config import EPSILON_BUDGET, LORA_RANK, STATE_DIR, from_flat, load_toml
+    from fedhaven.config import (
+        EPSILON_BUDGET,
+        LORA_RANK,
+        STATE_DIR,
+        UPDATE_SCALE,
+        from_flat,
+        load_toml,
+    )
     from fedhaven.presets import preset as preset_overrides
 
     flags: dict[str, Any] = {
@@ -187,6 +201,7 @@ def simulate(
             EPSILON_BUDGET: site_budget,
             STATE_DIR: site_state,
             LORA_RANK: site_rank,
+            UPDATE_SCALE: site_update_scale,
         }.items()
         if v is not None
     }

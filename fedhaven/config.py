@@ -31,6 +31,9 @@ STATE_DIR = "state-dir"  # the site's own directory: its privacy ledger lives th
 EPSILON_BUDGET = "epsilon-budget"  # the site's own ε limit over its whole ledger
 DELTA = "delta"  # the site's own δ for that limit
 LORA_RANK = "lora-rank"  # the site's own LoRA rank (federation.strategy = flexlora only)
+#: Simulation only, for research on robust rules: the site sends the global adapter plus this
+#: multiple of its update (a hostile or broken site). No deployed site reads it.
+UPDATE_SCALE = "update-scale"
 #: model.task choices: one module each in fedhaven.tasks.
 TASKS = ("seq-cls", "causal-lm", "image-cls")
 #: A LoRA setting left to the task's default (fedhaven.tasks: which modules fit its models).

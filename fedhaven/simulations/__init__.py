@@ -6,20 +6,39 @@ ledger (default ``<run>/sites/site-<i>``) and, optionally, its own ε budget and
 rank (flexlora). They come from the ``sites`` table of a config file (or ``--site-budget`` /
 ``--site-state`` / ``--site-rank``) and go to the ClientApp only, like a deployed site's node
 config: the coordinator never sees them.
+
+For research on robust aggregation a simulated site can also be made hostile
+(``update-scale``, ``--site-update-scale``): :func:`update_scale_mod` sends the adapter it
+received plus that multiple of the site's update. Only the harness installs that mod.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType
+from flwr.clientapp.typing import ClientAppCallable, Mod
+
 from fedhaven import data as fdata
+from fedhaven import protocol
 from fedhaven.client.app import SiteSettings, with_site_rank
-from fedhaven.config import DELTA, EPSILON_BUDGET, LORA_RANK, STATE_DIR, Config, from_flat
+from fedhaven.config import (
+    DELTA,
+    EPSILON_BUDGET,
+    LORA_RANK,
+    PARTITION_ID,
+    STATE_DIR,
+    UPDATE_SCALE,
+    Config,
+    from_flat,
+)
 from fedhaven.errors import FedhavenError
 from fedhaven.report import SIMULATION, SUMMARY_FILE
 from fedhaven.server.app import ProgressFn
@@ -43,6 +62,8 @@ QUIET_ENV = {
 }
 
 
+log = logging.getLogger(__name__)
+
 #: Prefix of the per-site keys in a flat config (``sites.epsilon-budget = [8, 8, 2, 8]``).
 SITES_PREFIX = "sites."
 
@@ -52,10 +73,11 @@ def site_settings(spec: Mapping[str, Any], cfg: Config) -> dict[int, dict[str, A
 
     ``epsilon-budget`` and ``delta`` take one value for every site, or one per site (a list
     or a comma-separated string); ``state-dir`` is the root of the sites' state directories;
-    ``lora-rank`` (federation.strategy = flexlora) one whole number, or one per site.
+    ``lora-rank`` (federation.strategy = flexlora) one whole number, or one per site;
+    ``update-scale`` (a hostile site, research only) one finite number per site, or one for all.
     """
     n = cfg.federation.sites
-    known = (STATE_DIR, EPSILON_BUDGET, DELTA, LORA_RANK)
+    known = (STATE_DIR, EPSILON_BUDGET, DELTA, LORA_RANK, UPDATE_SCALE)
     unknown = set(spec) - set(known)
     if unknown:
         raise FedhavenError(
@@ -81,6 +103,25 @@ def site_settings(spec: Mapping[str, Any], cfg: Config) -> dict[int, dict[str, A
             raise FedhavenError(f"site setting '{SITES_PREFIX}{key}' = {raw!r} is invalid: {fix}")
         for i, v in enumerate(values):
             sites[i][key] = v
+    if UPDATE_SCALE in spec:
+        raw = spec[UPDATE_SCALE]
+        items = raw.split(",") if isinstance(raw, str) else raw
+        items = items if isinstance(items, list | tuple) else [items]
+        try:
+            scales = [float(v) for v in items]
+        except (TypeError, ValueError):
+            scales = []
+        if len(scales) == 1:
+            scales *= n
+        if len(scales) != n or not all(math.isfinite(s) for s in scales):
+            raise FedhavenError(
+                f"site setting '{SITES_PREFIX}{UPDATE_SCALE}' = {raw!r} is invalid: give "
+                f"{n} comma-separated numbers, one per site (1 = honest, e.g. 100 for a "
+                "hostile site)"
+            )
+        for i, scale in enumerate(scales):
+            if scale != 1.0:
+                sites[i][UPDATE_SCALE] = scale
     if LORA_RANK in spec:
         raw = spec[LORA_RANK]
         items = raw.split(",") if isinstance(raw, str) else raw
@@ -97,6 +138,33 @@ def site_settings(spec: Mapping[str, Any], cfg: Config) -> dict[int, dict[str, A
             with_site_rank(cfg, {LORA_RANK: rank})  # the site's own checks, before Ray starts
             sites[i][LORA_RANK] = rank
     return sites
+
+
+def update_scale_mod(sites: SiteSettings) -> Mod:
+    """A client mod for the harness: a site with an ``update-scale`` s sends, in place of its
+    trained adapter w, ``w₀ + s·(w − w₀)`` (w₀: the adapter it received) — a hostile site
+    (s = 100) or a sign-flipping one (s = −1) for the robust rules to face. Tensors whose
+    shape differs from the one received (a flexlora site's own rank) are sent as they are.
+    """
+
+    def mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        reply = call_next(msg, ctxt)
+        own = sites.get(int(ctxt.node_config.get(PARTITION_ID, -1)), {})
+        scale = float(own.get(UPDATE_SCALE, 1.0))
+        if scale == 1.0 or reply.has_error() or msg.metadata.message_type != MessageType.TRAIN:
+            return reply
+        sent = {k: a.numpy() for k, a in msg.content[protocol.ARRAYS].items()}
+        arrays = reply.content[protocol.ARRAYS]
+        scaled = {}
+        for k, a in arrays.items():
+            w = a.numpy()
+            if k in sent and sent[k].shape == w.shape:
+                w = (sent[k] + scale * (w - sent[k])).astype(w.dtype)
+            scaled[k] = Array(w)
+        reply.content[protocol.ARRAYS] = ArrayRecord(scaled)
+        return reply
+
+    return mod
 
 
 def preflight(cfg: Config) -> None:
@@ -145,14 +213,19 @@ def _simulate(
         flat["federation.out-dir"] = os.path.join("runs", datetime.now().strftime("%Y%m%d-%H%M%S"))
         cfg = from_flat(flat)
     per_site: SiteSettings = site_settings(sites, cfg)
+    hostile = {i: s[UPDATE_SCALE] for i, s in per_site.items() if UPDATE_SCALE in s}
     preflight(cfg)
+    if hostile:
+        log.warning("simulated hostile sites (update scale): %s", hostile)
     # Ray actors inherit the driver's environment at start-up.
     os.environ.update(OFFLINE_ENV)
     if not verbose:
         os.environ.update(QUIET_ENV)
     run_simulation(
         server_app=make_server_app(flat, progress, engine=SIMULATION),
-        client_app=make_client_app(flat, per_site),
+        client_app=make_client_app(
+            flat, per_site, mods=[update_scale_mod(per_site)] if hostile else ()
+        ),
         num_supernodes=cfg.federation.sites,
         backend_config={
             # One CPU per site: on a 2-core box two sites train at once, each in its own actor
@@ -161,5 +234,11 @@ def _simulate(
             "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
         },
     )
-    with open(os.path.join(cfg.federation.out_dir, SUMMARY_FILE)) as f:
-        return json.load(f)
+    path = os.path.join(cfg.federation.out_dir, SUMMARY_FILE)
+    with open(path) as f:
+        summary = json.load(f)
+    if hostile:  # the run's record says which sites were made hostile
+        summary["simulated_update_scale"] = {str(i): s for i, s in hostile.items()}
+        with open(path, "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary

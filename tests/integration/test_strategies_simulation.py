@@ -95,3 +95,20 @@ def test_flexlora_runs_a_simulation_with_mixed_ranks(
         assert r["bytes_received"] == own  # every site answers at its own rank
         assert 0 <= r["global"]["macro_f1"] <= 1
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 8
+
+
+def test_a_hostile_site_reaches_the_coordinator_scaled(
+    tmp_path: Path, tiny_flat: dict[str, object]
+) -> None:
+    """The harness's hostile site (``update-scale``) through the engine: its update arrives
+    ×100, which the round's update norms show, and the run's summary names it."""
+    from fedhaven.config import UPDATE_SCALE
+    from fedhaven.simulations import simulate
+
+    out = tmp_path / "run"
+    flat = {**tiny_flat, "federation.sites": 3, "privacy.enabled": False}
+    summary = simulate({**flat, "federation.out-dir": str(out)}, sites={UPDATE_SCALE: "100,1,1"})
+    assert summary["simulated_update_scale"] == {"0": 100.0}
+    for r in (json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()):
+        # two honest updates of similar length and one 100 times its own length
+        assert r["update_norm_max"] > 20 * r["update_norm_median"] > 0

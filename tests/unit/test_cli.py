@@ -47,6 +47,10 @@ CASES = {
     "site-budgets-count": Case(
         ("--sites", "3", "--site-budget", "8,8"), "'sites.epsilon-budget' = '8,8' is invalid"
     ),
+    "update-scale-count": Case(
+        ("--sites", "3", "--site-update-scale", "100,1"),
+        "'sites.update-scale' = '100,1' is invalid: give 3 comma-separated numbers",
+    ),
     "unknown-site-key": Case(("--set", "sites.budget=8"), "unknown site setting 'sites.budget'"),
     "unknown-preset": Case(("--preset", "poems"), "unknown preset 'poems': use one of digits"),
     "unknown-task": Case(("--task", "poems"), "config 'model.task' = 'poems' is invalid"),
