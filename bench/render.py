@@ -25,6 +25,9 @@ SECTION = re.compile(r"^<!-- section: (\w+) -->\n", re.MULTILINE)
 SUITE_GOAL_MIN = 30
 DEMO_GOAL_S = 300  # `fedhaven simulate` on the demo: under 5 minutes
 DP_F1_GOAL, PRESET_F1_GOAL = 0.30, 0.42
+#: Issue 5's goals: the best rule within this many macro-F1 points of centralized training,
+#: without DP and at ε=8, on partitions at least as even as Dirichlet(0.5).
+RULE_GAP_GOAL = {"off": 1.0, "8": 3.0}
 
 Results = dict[str, dict[str, Any]]
 
@@ -402,6 +405,17 @@ def scale(r: Results, record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def separately(name: str, record: dict[str, Any]) -> str:
+    """When and how long a separate benchmark (not in `make bench`'s timed pass) ran."""
+    s = record["scripts"].get(name)
+    if s is None:
+        return f"Not run by this suite's timed pass: `python bench/suite.py --only {name}`."
+    return (
+        f"Measured {_date(s['date'])} by `python bench/suite.py --only {name}` "
+        f"({s['seconds'] / 60:.0f} min), outside `make bench`'s timed pass."
+    )
+
+
 def presets(r: Results, record: dict[str, Any]) -> dict[str, Any]:
     d = r["presets"]
     sentences = []
@@ -413,7 +427,65 @@ def presets(r: Results, record: dict[str, Any]) -> dict[str, Any]:
             f"federated with DP reaches {f3(p['federated DP'])} against {f3(p['centralized DP'])} "
             f"centralized with DP and {f3(p['centralized no DP'])} centralized without DP."
         )
-    return {"table": d["table"], "preset_sentences": "\n- ".join(sentences)}
+    return {
+        "table": d["table"],
+        "preset_sentences": "\n- ".join(sentences),
+        "measured": separately("presets", record),
+    }
+
+
+def strategies(r: Results, record: dict[str, Any]) -> dict[str, Any]:
+    d = r["strategies"]
+    rows = [x for x in d["rows"] if not x["hostile"]]
+    sentences = []
+    for eps, goal in RULE_GAP_GOAL.items():
+        words = "at ε=8" if eps == "8" else "without DP"
+        pooled = (x for x in rows if x["rule"] == "centralized" and x["epsilon"] == eps)
+        central = next(pooled, None)
+        for partition in ("iid", "dirichlet:1.0", "dirichlet:0.5", "dirichlet:0.1"):
+            cells = [x for x in rows if x["epsilon"] == eps and x["partition"] == partition]
+            if not cells or central is None:
+                continue
+            best = max(cells, key=lambda x: x["macro_f1"])
+            gap = 100 * (central["macro_f1"] - best["macro_f1"])
+            verdict = (
+                f"goal ≤ {goal:g}: {met(gap <= goal)}"
+                if partition != "dirichlet:0.1"
+                else "no goal at α < 0.5"
+            )
+            sentences.append(
+                f"{words}, {_partition(partition)}: the best of {len(cells)} rules is "
+                f"{best['rule']} at {f3(best['macro_f1'])} macro-F1, {gap:.1f} points "
+                f"{'below' if gap >= 0 else 'above'} centralized ({f3(central['macro_f1'])}; "
+                f"{verdict})."
+            )
+    fedavg = [x["bytes_per_round"] for x in rows if x["rule"] == "fedavg"]
+    ffa = [x["bytes_per_round"] for x in rows if x["rule"] == "ffa"]
+    if fedavg and ffa:
+        sentences.append(f"FFA-LoRA moves {ffa[0] / fedavg[0]:.2f}× fedavg's bytes per round.")
+    hostile = [x for x in d["rows"] if x["hostile"]]
+    attack = []
+    for x in hostile:
+        clean = next(
+            (c for c in rows if c["rule"] == "fedavg" and c["partition"] == x["partition"]
+             and c["epsilon"] == x["epsilon"]),
+            None,
+        )  # fmt: skip
+        if clean is not None:
+            change = 100 * (x["macro_f1"] - clean["macro_f1"])
+            attack.append(f"{x['rule']}: {f3(x['macro_f1'])} ({change:+.1f} points)")
+    hostile_body = (
+        f"{d['hostile_table']}\n\nMacro-F1 with the hostile site, against clean fedavg on the "
+        f"same partition and ε: {'; '.join(attack)}."
+        if hostile
+        else "_The hostile-site table did not run (`--hostile`)._"
+    )
+    return {
+        "table": d["table"],
+        "sentences": "\n- ".join(sentences) or "no centralized row to compare with.",
+        "hostile": hostile_body,
+        "measured": separately("strategies", record),
+    }
 
 
 def gpu(r: Results, record: dict[str, Any]) -> dict[str, Any]:
@@ -432,6 +504,8 @@ def timing(r: Results, record: dict[str, Any]) -> dict[str, Any]:
     for name, s in record["scripts"].items():
         args = " ".join(s["args"]) or "(defaults)"
         outcome = "ok" if s["rc"] == 0 else f"failed (exit {s['rc']})"
+        if s.get("separate"):
+            outcome += f"; separate, {_date(s['date'])}, not in the total"
         rows.append(f"| `{name}.py` | `{args}` | {s['seconds'] / 60:.1f} | {outcome} |")
     total = record["suite_seconds"] / 60
     cores = record["machine"]["cores"]
@@ -454,6 +528,7 @@ SECTIONS = {
     "federation_overhead": (federation_overhead, ("federation_overhead",)),
     "scale": (scale, ("scale",)),
     "presets": (presets, ("presets",)),
+    "strategies": (strategies, ("strategies",)),
     "gpu": (gpu, ("gpu",)),
     "timing": (timing, ()),
 }

@@ -1,14 +1,22 @@
 """Aggregation rules on non-IID sites: strategy × partition × privacy on the drug-review demo.
 
 Each cell is one `fedhaven simulate` run with `--sites 10` (default) and the demo's other
-defaults (DP-tuned; `--no-dp` keeps them), the rule set by `federation.strategy`: global
-(held-out) accuracy and macro-F1, the worst site's validation accuracy under the final
-model, bytes per round (sent + received, mean over rounds) and the sites used per round.
-A centralized row per privacy setting trains every site's training rows pooled through the
-same loop for the same rounds and steps (bench/common.py: `centralized`).
+defaults (DP-tuned), the rule set by `federation.strategy`: global (held-out) accuracy and
+macro-F1, the worst site's validation accuracy under the final model, bytes per round (sent
++ received) and the sites used per round. Without DP the runs take the no-DP preset
+(presets/no-dp.toml), whose settings are tuned for clean gradients. A centralized row per
+privacy setting trains every site's training rows pooled through the same loop for the same
+rounds and steps (bench/common.py: `centralized`).
 
-The whole grid (8 rules × 4 partitions × 2) is about 64 runs, hours on 2 cores: choose a
-slice with --rules, --partitions and --privacy; extra arguments go to every run.
+``--hostile`` adds the robust rules' table: the same runs with site 0 sending its update
+×100 (`--site-update-scale`, a simulation-only site setting), for fedavg (no defence),
+fedmedian, trimmedavg, krum, and fedavg with each update clipped to twice the median
+update norm of the clean fedavg run (`federation.update-norm-bound`).
+
+The whole grid (8 rules × 4 partitions × 2, ~2 min a run at ε=8, ~5 without DP) takes hours
+on 2 cores, so it is built a slice at a time: under the suite the cells of every earlier
+invocation are kept (a cell measured again is replaced), and the table shows them all.
+``--seeds 0,1,2`` repeats each cell with those training seeds; the table shows medians.
 
     python bench/strategies.py --rules fedavg,ffa --partitions iid,dirichlet:0.1 --privacy 8
 """
@@ -17,31 +25,96 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
-from common import Run, centralized, md_table, report, simulate
+from common import PRESET, RESULTS_ENV, Run, centralized, md_table, report, simulate
 
 from fedhaven.config import STRATEGIES
 from fedhaven.report import METRICS_FILE
 
+NAME = "strategies"
 PARTITIONS = "iid,dirichlet:1.0,dirichlet:0.5,dirichlet:0.1"
 #: flexlora needs sites at ranks of their own (a site setting): its own benchmark
 RULES = ",".join(r for r in STRATEGIES if r != "flexlora")
+#: The hostile site's update factor, and the robust rules' table (label -> extra arguments).
+HOSTILE_SCALE = 100.0
+NORM_BOUND = "fedavg + norm bound"
+ROBUST = ("fedavg", "fedmedian", "trimmedavg", "krum", NORM_BOUND)
+#: What identifies a cell: a cell measured again replaces the earlier one.
+KEY = ("rule", "partition", "epsilon", "hostile", "seed")
+METRICS = ("macro_f1", "accuracy", "worst_site_accuracy", "bytes_per_round", "sites_used")
 
 
 def cell(run: Run) -> dict[str, Any]:
     rounds = [json.loads(x) for x in (run.run_dir / METRICS_FILE).read_text().splitlines()]
     g, sites = run.summary["global"], run.summary["sites"].values()
+    norms = [r["update_norm_median"] for r in rounds if r.get("update_norm_median") is not None]
     return {
         "macro_f1": g["macro_f1"],
         "accuracy": g["accuracy"],
         "worst_site_accuracy": min(s["accuracy"] for s in sites if s.get("accuracy") is not None),
         "bytes_per_round": statistics.mean(r["bytes_sent"] + r["bytes_received"] for r in rounds),
         "sites_used": statistics.mean(r["sites_used"] for r in rounds),
+        "update_norm_median": statistics.median(norms) if norms else None,
         "max_epsilon": run.summary["max_epsilon"],
         "wall_s": run.summary["wall_s"],
     }
+
+
+def earlier_cells() -> list[dict[str, Any]]:
+    """The cells of earlier invocations under the suite (none when run alone)."""
+    folder = os.environ.get(RESULTS_ENV)
+    path = Path(folder, f"{NAME}.json") if folder else None
+    return json.loads(path.read_text())["cells"] if path and path.is_file() else []
+
+
+def merge(old: Iterable[dict[str, Any]], new: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``old`` with every cell ``new`` measures again replaced, then the new cells."""
+    new = list(new)
+    keys = {tuple(c.get(k) for k in KEY) for c in new}
+    return [c for c in old if tuple(c.get(k) for k in KEY) not in keys] + new
+
+
+def medians(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (rule, partition, ε, hostile): each metric's median over the seeds."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for c in cells:
+        groups.setdefault(tuple(c.get(k) for k in KEY[:-1]), []).append(c)
+    rows = []
+    for key, group in groups.items():
+        row = dict(zip(KEY[:-1], key, strict=True)) | {"runs": len(group)}
+        for m in METRICS:
+            values = [c[m] for c in group if c.get(m) is not None]
+            row[m] = statistics.median(values) if values else None
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict[str, Any]], hostile: bool) -> str:
+    def fmt(x: float | None, spec: str) -> str:
+        return "-" if x is None else format(x, spec)
+
+    order = {p: i for i, p in enumerate(["pooled", *PARTITIONS.split(",")])}
+    rules = ["centralized", *RULES.split(","), *ROBUST]
+    chosen = sorted(
+        (r for r in rows if bool(r.get("hostile")) == hostile),
+        key=lambda r: (r["epsilon"] != "8", order.get(r["partition"], 9), rules.index(r["rule"])),
+    )
+    header = ["partition", "ε", "rule", "macro-F1", "accuracy", "worst-site accuracy",
+              "bytes per round", "sites per round", "runs"]  # fmt: skip
+    return md_table(
+        header,
+        [
+            [r["partition"], r["epsilon"], r["rule"], fmt(r["macro_f1"], ".3f"),
+             fmt(r["accuracy"], ".3f"), fmt(r["worst_site_accuracy"], ".3f"),
+             fmt(r["bytes_per_round"], ",.0f"), fmt(r["sites_used"], ".1f"), r["runs"]]
+            for r in chosen
+        ],
+    )  # fmt: skip
 
 
 def main() -> None:
@@ -49,35 +122,71 @@ def main() -> None:
     ap.add_argument("--rules", default=RULES)
     ap.add_argument("--partitions", default=PARTITIONS)
     ap.add_argument("--privacy", default="off,8", help="off and/or target ε values")
-    ap.add_argument("--sites", default="10")
+    ap.add_argument("--sites", type=int, default=10)
+    ap.add_argument("--seeds", default="", help="training seeds, one run each (default: one)")
+    ap.add_argument("--hostile", action="store_true", help="also the hostile-site table")
+    ap.add_argument("--no-centralized", action="store_true", help="skip the centralized rows")
     a, extra = ap.parse_known_args()
-    rows, data = [], []
+    seeds: list[int | None] = [int(s) for s in a.seeds.split(",") if s] or [None]
+    cells: list[dict[str, Any]] = []
+
+    def measure(label: str, base: dict[str, Any], args: list[str]) -> Run:
+        run = simulate(label, args)
+        cells.append(base | cell(run))
+        return run
+
     for eps in a.privacy.split(","):
-        dp = ["--no-dp"] if eps == "off" else ["--epsilon", eps]
-        flat = None
-        for partition in a.partitions.split(","):
-            for rule in a.rules.split(","):
-                args = ["--sites", a.sites, "--partition", partition, *dp, *extra]
-                args += ["--set", f"federation.strategy={rule}"]
-                run = simulate(f"strategies: {rule}, {partition}, ε {eps}", args)
-                flat = flat or run.summary["config"]
-                c = {"rule": rule, "partition": partition, "epsilon": eps, **cell(run)}
-                data.append(c)
-                rows.append(
-                    [partition, eps, rule, f"{c['macro_f1']:.3f}", f"{c['accuracy']:.3f}",
-                     f"{c['worst_site_accuracy']:.3f}", f"{c['bytes_per_round']:,.0f}",
-                     f"{c['sites_used']:.1f}"]
+        dp = ["--config", PRESET] if eps == "off" else ["--epsilon", eps]
+        for seed in seeds:
+            seeded = [] if seed is None else ["--set", f"train.seed={seed}"]
+            common = ["--sites", str(a.sites), *dp, *seeded, *extra]
+            base = {"epsilon": eps, "seed": seed, "hostile": False}
+            flat = None
+            for partition in a.partitions.split(","):
+                for rule in a.rules.split(","):
+                    args = [*common, "--partition", partition]
+                    args += ["--set", f"federation.strategy={rule}"]
+                    label = f"strategies: {rule}, {partition}, ε {eps}, seed {seed}"
+                    run = measure(label, base | {"rule": rule, "partition": partition}, args)
+                    flat = flat or run.summary["config"]
+                if a.hostile:
+                    hostile_rows(partition, common, base, measure)
+            if not a.no_centralized and flat is not None:
+                central = centralized(flat, f"strategies: centralized, ε {eps}")["evaluation"]
+                cells.append(
+                    base | {"rule": "centralized", "partition": "pooled"}
+                    | {m: central.get(m) for m in METRICS}
                 )  # fmt: skip
-        assert flat is not None
-        central = centralized(flat, f"strategies: centralized, ε {eps}")["evaluation"]
-        data.append({"rule": "centralized", "epsilon": eps, **central})
-        rows.append(
-            ["pooled", eps, "centralized", f"{central['macro_f1']:.3f}",
-             f"{central['accuracy']:.3f}", "-", "-", "-"]
-        )  # fmt: skip
-    header = ["partition", "ε", "rule", "macro-F1", "accuracy", "worst-site accuracy",
-              "bytes per round", "sites per round"]  # fmt: skip
-    report("strategies", md_table(header, rows), cells=data, args=extra)
+    everything = merge(earlier_cells(), cells)
+    rows = medians(everything)
+    hostile = table(rows, hostile=True) if any(r["hostile"] for r in rows) else ""
+    report(NAME, table(rows, hostile=False), cells=everything, rows=rows, hostile_table=hostile)
+    if hostile:
+        print(hostile)
+
+
+def hostile_rows(
+    partition: str,
+    common: list[str],
+    base: dict[str, Any],
+    measure: Callable[[str, dict[str, Any], list[str]], Run],
+) -> None:
+    """The robust rules with site 0 sending its update ×HOSTILE_SCALE, and the clean fedavg run
+    whose median update norm sets the norm bound (shared with the grid when it ran)."""
+    sites = int(common[common.index("--sites") + 1])
+    scale = ",".join([f"{HOSTILE_SCALE:g}"] + ["1"] * (sites - 1))
+    args = [*common, "--partition", partition]
+    clean = simulate("strategies: clean fedavg", [*args, "--set", "federation.strategy=fedavg"])
+    bound = 2 * (cell(clean)["update_norm_median"] or 0.0)
+    for rule in ROBUST:
+        settings = ["--set", "federation.strategy=fedavg"]
+        if rule == NORM_BOUND:
+            settings += ["--set", f"federation.update-norm-bound={bound:.6g}"]
+        else:
+            settings = ["--set", f"federation.strategy={rule}"]
+        label = f"strategies: {rule}, site 0 ×{HOSTILE_SCALE:g}, {partition}"
+        info = base | {"rule": rule, "partition": partition, "hostile": True}
+        measure(label, info, [*args, *settings, "--site-update-scale", scale])
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
     python bench/suite.py --quick    # a smoke run on tiny settings: runs/bench-quick/BENCHMARKS.md
     python bench/suite.py --only demo,utility   # some scripts again, then the file again
     python bench/suite.py --render   # the file again from the last results, running nothing
+    python bench/suite.py --only presets,strategies   # the long benchmarks, run separately
+    python bench/suite.py --only strategies --args="--partitions iid --privacy off"  # a slice
 
 Each script runs in its own process (its memory and threads its own), prints its table and
 writes its results as JSON (bench/common.py). The scripts share their `fedhaven simulate`
@@ -11,6 +13,11 @@ runs: the demo's runs are the ones the privacy audit attacks and the federation-
 utility benchmarks compare with. The report is bench/BENCHMARKS.template.md with the
 numbers, and the judgements that depend on them, filled in (bench/render.py). A quick run
 never touches BENCHMARKS.md.
+
+Two benchmarks take longer than the suite's half hour on their own (the presets' two demos,
+and the aggregation rules' grid of 10-site federations): they are *separate*. A full pass
+skips them and keeps their last results, which the report shows with their own date; `--only`
+runs them.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -48,10 +55,17 @@ RUN_FILE = "suite.json"  # the suite's own record: settings, per-script times an
 class Bench:
     name: str
     args: list[str] = field(default_factory=list)
+    #: not in a full pass (too long for its half hour): run with --only, results kept
+    separate: bool = False
 
 
+#: The aggregation rules measured by `--only strategies`: every rule at ε=8 on Dirichlet(0.5),
+#: the hostile-site table for the robust rules (bench/strategies.py).
+STRATEGIES_SLICE = ["--partitions", "dirichlet:0.5", "--privacy", "8", "--hostile"]
 #: The full suite's settings, chosen to fit 30 minutes on a 2-core CPU box (BENCHMARKS.md
 #: says what each one costs). The demo runs are the defaults: 4 sites, 5 rounds.
+#: presets: about 13 min; strategies: about 2 min per 10-site run (the slice below: 12 runs
+#: and a centralized one).
 FULL = [
     Bench("dp_overhead", ["--steps", "10"]),
     Bench("demo"),
@@ -60,8 +74,9 @@ FULL = [
     Bench("utility"),
     Bench("communication"),
     Bench("scale", ["--sizes", "10,100,1000"]),
-    Bench("presets"),
     Bench("gpu", ["--", "--steps", "10"]),
+    Bench("presets", separate=True),
+    Bench("strategies", STRATEGIES_SLICE, separate=True),
 ]
 #: Shared by every simulate run of a quick suite (so that they are shared between scripts).
 TINY = ["--rounds", "2", "--set", "model.max-length=16"]
@@ -101,6 +116,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny settings; never BENCHMARKS.md")
     ap.add_argument("--only", help="comma-separated script names to run (others: last results)")
     ap.add_argument("--render", action="store_true", help="only rewrite the report")
+    ap.add_argument("--args", help="with --only NAME: that script's arguments, not the suite's")
     a = ap.parse_args()
     suite = QUICK if a.quick else FULL
     folder = ROOT / "runs" / ("bench-quick" if a.quick else "bench")
@@ -115,13 +131,23 @@ def main() -> None:
         console.print(f"wrote {target.relative_to(ROOT)}", highlight=False)
         return
     names = [b.name for b in suite]
-    only = names if a.only is None else [n.strip() for n in a.only.split(",")]
+    timed = [b.name for b in suite if not b.separate]
+    only = timed if a.only is None else [n.strip() for n in a.only.split(",")]
     unknown = sorted(set(only) - set(names))
     if unknown:
         sys.exit(f"unknown benchmark {unknown[0]!r}: choose from {', '.join(names)}")
-    record = json.loads(record_path.read_text()) if a.only and record_path.is_file() else {}
-    if a.only is None:  # a full pass starts clean: no result or run of an earlier pass
-        shutil.rmtree(folder, ignore_errors=True)
+    if a.args is not None:
+        if len(only) != 1:
+            sys.exit("--args needs --only with exactly one benchmark: give it its own arguments")
+        suite = [replace(b, args=a.args.split()) if b.name == only[0] else b for b in suite]
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    if a.only is None:  # a full pass starts clean, but for the separate benchmarks' results
+        shutil.rmtree(runs, ignore_errors=True)
+        for name in timed:
+            (results / f"{name}.json").unlink(missing_ok=True)
+            (folder / f"{name}.log").unlink(missing_ok=True)
+        kept = record.get("scripts", {})
+        record = {"scripts": {n: kept[n] for n in names if n in kept and n not in timed}}
     results.mkdir(parents=True, exist_ok=True)
     runs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, RESULTS_ENV: str(results), RUNS_ENV: str(runs)}
@@ -148,7 +174,13 @@ def main() -> None:
             t0 = time.perf_counter()
             rc = run_one(bench, env, folder / f"{bench.name}.log", progress, task)
             seconds = time.perf_counter() - t0
-            record["scripts"][bench.name] = {"args": bench.args, "seconds": seconds, "rc": rc}
+            record["scripts"][bench.name] = {
+                "args": bench.args,
+                "seconds": seconds,
+                "rc": rc,
+                "date": datetime.now(UTC).isoformat(timespec="seconds"),
+                "separate": bench.separate,
+            }
             outcome = f"{seconds / 60:.1f} min" if rc == 0 else f"[red]failed (exit {rc})"
             progress.update(task, description=f"[bold]{bench.name}[/bold]  {outcome}", completed=1)
             progress.advance(overall)
@@ -157,9 +189,13 @@ def main() -> None:
     if a.only is None:
         record["suite_seconds"] = time.perf_counter() - t_suite
         record.pop("reruns", None)
-    else:  # the scripts' times, the reruns' new ones included
-        record["suite_seconds"] = sum(s["seconds"] for s in record["scripts"].values())
-        record.setdefault("reruns", []).append({"date": now, "scripts": only})
+    else:  # the timed scripts' times, the reruns' new ones included
+        record["suite_seconds"] = sum(
+            s["seconds"] for n, s in record["scripts"].items() if n in timed
+        )
+        if set(only) & set(timed):
+            rerun = [n for n in only if n in timed]
+            record.setdefault("reruns", []).append({"date": now, "scripts": rerun})
     record_path.write_text(json.dumps(record, indent=1) + "\n")
     write_report(target, results, record, a.quick)
     console.print(

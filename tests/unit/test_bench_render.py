@@ -128,3 +128,48 @@ def test_a_benchmark_that_did_not_run_keeps_its_heading_and_says_so() -> None:
     assert "| `demo.py` | `(defaults)` | 10.0 | ok |" in text
     assert "Total: 25.0 min (goal < 30 min on a 2-core box: met)." in text
     assert "{" not in text  # every field filled
+
+
+def _cells(central: float, best: float, hostile: float) -> dict[str, Any]:
+    rows = [
+        {"rule": "centralized", "partition": "pooled", "epsilon": "8", "hostile": False,
+         "macro_f1": central, "bytes_per_round": None},
+        {"rule": "fedavg", "partition": "dirichlet:0.5", "epsilon": "8", "hostile": False,
+         "macro_f1": best - 0.05, "bytes_per_round": 1000.0},
+        {"rule": "ffa", "partition": "dirichlet:0.5", "epsilon": "8", "hostile": False,
+         "macro_f1": best, "bytes_per_round": 540.0},
+        {"rule": "krum", "partition": "dirichlet:0.5", "epsilon": "8", "hostile": True,
+         "macro_f1": hostile, "bytes_per_round": 1000.0},
+    ]  # fmt: skip
+    return {"strategies": {"table": "| s |", "hostile_table": "| h |", "rows": rows}}
+
+
+def test_the_rules_goal_is_the_best_rule_against_centralized_at_the_same_privacy() -> None:
+    record = {"scripts": {}}
+    near = render.strategies(_cells(central=0.42, best=0.40, hostile=0.30), record)
+    assert near["sentences"].startswith(
+        "at ε=8, Dirichlet(α=0.5): the best of 2 rules is ffa at 0.400 macro-F1, 2.0 points "
+        "below centralized (0.420; goal ≤ 3: met)."
+    )
+    assert "FFA-LoRA moves 0.54× fedavg's bytes per round." in near["sentences"]
+    # krum under attack against clean fedavg (0.35): 5 points lower
+    assert "krum: 0.300 (-5.0 points)" in near["hostile"]
+    far = render.strategies(_cells(central=0.42, best=0.38, hostile=0.30), record)
+    assert "4.0 points below centralized (0.420; goal ≤ 3: not met)" in far["sentences"]
+    assert far["measured"].startswith("Not run by this suite's timed pass")
+
+
+def test_a_separate_benchmark_is_dated_and_left_out_of_the_total() -> None:
+    scripts = {
+        **RECORD["scripts"],
+        "strategies": {"args": [], "seconds": 3000.0, "rc": 0, "separate": True,
+                       "date": "2026-11-29T16:00:00+00:00"},
+    }  # fmt: skip
+    fields = render.timing({}, {**RECORD, "scripts": scripts})
+    assert (
+        "| `strategies.py` | `(defaults)` | 50.0 | ok; separate, 2026-11-29 16:00 UTC"
+        in (fields["table"])
+    )
+    assert fields["total"] == "25.0"  # the timed pass only
+    measured = render.separately("strategies", {"scripts": scripts})
+    assert measured.startswith("Measured 2026-11-29 16:00 UTC by `python bench/suite.py --only")
