@@ -373,8 +373,8 @@ def scale(r: Results, record: dict[str, Any]) -> dict[str, Any]:
             if grows
             else f"Memory does not grow with the number of sites ({first['peak_gib']:.2f} GiB "
             f"at {first['sites']}, {last['peak_gib']:.2f} at {last['sites']}): Flower keeps a "
-            "context per site, Ray runs two actors whatever the count, and each actor loads "
-            "the base model once."
+            "context per site, Ray runs as many actors as the cores allow whatever the count, "
+            "and each actor loads the base model once."
         )
         mid = res[-2]
         slower = last["s_per_round"] > mid["s_per_round"] * 1.2

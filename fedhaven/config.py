@@ -301,6 +301,11 @@ class DataConfig:
 class FederationConfig:
     rounds: int = 5
     sites: int = 4  # simulated sites (fedhaven simulate)
+    # fedhaven simulate: CPUs (torch threads) for each simulated site's Ray actor, at most the
+    # machine's; C cores train C // site-cpus sites at once. Two threads per site beat two
+    # one-thread sites side by side on 2 cores: uneven sites leave no core idle waiting, and
+    # one actor loads the model once (BENCHMARKS.md: federation overhead).
+    site_cpus: int = 2
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     min_sites: int = 2
@@ -357,6 +362,7 @@ class FederationConfig:
         _require(self.patience >= 0, "federation.patience", self.patience, "must be >= 0")
         _require(self.min_delta >= 0, "federation.min-delta", self.min_delta, "must be >= 0")
         _require(self.sites >= 1, "federation.sites", self.sites, "must be >= 1")
+        _require(self.site_cpus >= 1, "federation.site-cpus", self.site_cpus, "must be >= 1")
         _require(
             0.0 < self.fraction_train <= 1.0,
             "federation.fraction-train",

@@ -171,9 +171,15 @@ CHECKPOINT_DIR = "checkpoint"
 MANIFEST = "manifest.json"
 CHECKPOINT_FORMAT = 1
 #: Run-config keys a resume may change: the switch itself, how long a round waits for the
-#: sites, and where the run directory lies (a moved run directory can still be resumed).
+#: sites, where the run directory lies (a moved run directory can still be resumed), and
+#: the simulated sites' CPUs.
 #: Everything else shapes the model or the privacy guarantee and must stay the checkpoint's.
-RESUME_MAY_CHANGE = ("federation.resume", "federation.round-timeout", "federation.out-dir")
+RESUME_MAY_CHANGE = (
+    "federation.resume",
+    "federation.round-timeout",
+    "federation.out-dir",
+    "federation.site-cpus",
+)
 _ARRAY = "__ndarray__"  # marks a reference to an array of the checkpoint's .npz in the JSON
 
 

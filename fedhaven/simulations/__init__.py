@@ -167,6 +167,17 @@ def update_scale_mod(sites: SiteSettings) -> Mod:
     return mod
 
 
+def backend_config(cfg: Config, cores: int | None = None) -> dict[str, Any]:
+    """The Ray backend's settings: each site's actor gets ``federation.site-cpus`` CPUs (at
+    most the machine's ``cores``), which Ray turns into its torch threads; the actor loads
+    the base model once and keeps it for every round it serves."""
+    cores = cores or os.cpu_count() or 1
+    return {
+        "client_resources": {"num_cpus": min(cfg.federation.site_cpus, cores), "num_gpus": 0.0},
+        "init_args": {"num_cpus": cores, "include_dashboard": False},
+    }
+
+
 def preflight(cfg: Config) -> None:
     """Fail fast, before Ray starts, on every user error we can see from here."""
     task = get_task(cfg)
@@ -227,12 +238,7 @@ def _simulate(
             flat, per_site, mods=[update_scale_mod(per_site)] if hostile else ()
         ),
         num_supernodes=cfg.federation.sites,
-        backend_config={
-            # One CPU per site: on a 2-core box two sites train at once, each in its own actor
-            # that loads the base model once and keeps it for every round.
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
-        },
+        backend_config=backend_config(cfg),
     )
     path = os.path.join(cfg.federation.out_dir, SUMMARY_FILE)
     with open(path) as f:

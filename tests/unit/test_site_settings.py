@@ -7,7 +7,7 @@ import pytest
 from fedhaven.client.app import DELTA, EPSILON_BUDGET, STATE_DIR
 from fedhaven.config import Config
 from fedhaven.errors import FedhavenError
-from fedhaven.simulations import site_settings
+from fedhaven.simulations import backend_config, site_settings
 
 
 def _cfg(sites: int = 3) -> Config:
@@ -46,3 +46,18 @@ def test_per_site_budgets_and_deltas() -> None:
 def test_bad_site_settings_name_the_key_and_the_fix(spec: dict, match: str) -> None:
     with pytest.raises(FedhavenError, match=match):
         site_settings(spec, _cfg())
+
+
+@pytest.mark.parametrize(("site_cpus", "cores", "per_site"), [(2, 2, 2), (2, 16, 2), (4, 2, 2)])
+def test_each_simulated_site_gets_its_cpus_at_most_the_machines(
+    site_cpus: int, cores: int, per_site: int
+) -> None:
+    cfg = _cfg().replace(**{"federation.site-cpus": site_cpus})
+    backend = backend_config(cfg, cores=cores)
+    assert backend["client_resources"] == {"num_cpus": per_site, "num_gpus": 0.0}
+    assert backend["init_args"]["num_cpus"] == cores
+
+
+def test_site_cpus_below_one_is_refused() -> None:
+    with pytest.raises(FedhavenError, match=r"config 'federation.site-cpus' = 0 is invalid"):
+        _cfg().replace(**{"federation.site-cpus": 0})
