@@ -1,14 +1,12 @@
 """End to end: the aggregation rules run a 3-site, 2-round simulation of the tiny BERT
 through Flower's simulation engine, and report each round's sites and bytes.
 
-One simulation takes ~40 s on 2 cores, so only rules whose code paths differ run here:
-fedprox (DP on: the proximal term's path under Opacus, and the key it sends), fedadam (server
-optimizer state across rounds), fedmedian with norm bounding (Flower pops the arrays from the
-replies; the bound needs the arrays sent), krum (selects one site's update), ffa under DP
-(LoRA's A frozen at every site: half the tensors on the wire), flexlora with sites at LoRA
-ranks 2, 4 and 8 (each gets, and sends, tensors of its own rank). Left out, as they
-share a path with one of these (each is covered by tests/unit/test_strategies.py): fedavg
-(tests/integration/test_simulation.py runs it), fedyogi (fedadam's), trimmedavg (fedmedian's).
+Every rule runs (about 15 s each on 2 cores): fedprox (DP on: the proximal term's path under
+Opacus, and the key it sends), fedadam and fedyogi (server optimizer state across rounds),
+fedmedian with norm bounding (Flower pops the arrays from the replies; the bound needs the
+arrays sent), trimmedavg, krum (selects one site's update), ffa under DP (LoRA's A frozen at
+every site: half the tensors on the wire), flexlora with sites at LoRA ranks 2, 4 and 8 (each
+gets, and sends, tensors of its own rank); fedavg is tests/integration/test_simulation.py's.
 """
 
 from __future__ import annotations
@@ -27,10 +25,20 @@ pytestmark = pytest.mark.slow
         ("fedprox", {"privacy.enabled": True}),
         ("ffa", {"privacy.enabled": True}),
         ("fedadam", {}),
+        ("fedyogi", {}),
         ("fedmedian", {"federation.update-norm-bound": 0.5}),
+        ("trimmedavg", {"federation.trim-beta": 0.34}),
         ("krum", {"federation.krum-byzantine": 0}),
     ],
-    ids=["fedprox-dp", "ffa-dp", "fedadam", "fedmedian-norm-bound", "krum"],
+    ids=[
+        "fedprox-dp",
+        "ffa-dp",
+        "fedadam",
+        "fedyogi",
+        "fedmedian-norm-bound",
+        "trimmedavg",
+        "krum",
+    ],
 )
 def test_rule_runs_a_simulation(
     name: str, flat: dict[str, object], tmp_path: Path, tiny_flat: dict[str, object]
