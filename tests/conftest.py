@@ -65,6 +65,30 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
+#: The tiny vision models' image side (the tiny ViT's input size).
+TINY_IMAGE_SIZE = 16
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ViT built from a config, saved without an image processor (fedhaven's default
+    one applies)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    d = tmp_path_factory.mktemp("tiny-vit")
+    config = ViTConfig(
+        image_size=TINY_IMAGE_SIZE,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    ViTForImageClassification(config).save_pretrained(d)
+    return d
+
+
 @pytest.fixture(scope="session")
 def tiny_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     p = tmp_path_factory.mktemp("data") / "train.csv"

@@ -14,8 +14,6 @@ from PIL import Image
 from transformers import (
     ResNetConfig,
     ResNetForImageClassification,
-    ViTConfig,
-    ViTForImageClassification,
 )
 
 from fedhaven.config import from_flat
@@ -26,7 +24,7 @@ from fedhaven.training import evaluate
 pytestmark = pytest.mark.slow
 
 LABELS = ["dark", "mid", "light"]
-SIZE = 16
+SIZE = 16  # the tiny ViT's image size (conftest.py: tiny_vit_dir)
 
 
 def _images(root: Path, per_label: int, seed: int) -> Path:
@@ -39,20 +37,9 @@ def _images(root: Path, per_label: int, seed: int) -> Path:
     return root
 
 
-def _model(d: Path, arch: str) -> Path:
-    if arch == "resnet":
-        config = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])
-        ResNetForImageClassification(config).save_pretrained(d)
-    else:  # no image processor: fedhaven's default applies
-        config = ViTConfig(
-            image_size=SIZE,
-            patch_size=4,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-        )
-        ViTForImageClassification(config).save_pretrained(d)
+def _resnet(d: Path) -> Path:
+    config = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])
+    ResNetForImageClassification(config).save_pretrained(d)
     return d
 
 
@@ -63,7 +50,11 @@ def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     tmp = tmp_path_factory.mktemp(f"sim-{request.param}")
     overrides = {
         "model.task": "image-cls",
-        "model.path": str(_model(tmp / "model", request.param)),
+        "model.path": str(
+            _resnet(tmp / "model")
+            if request.param == "resnet"
+            else request.getfixturevalue("tiny_vit_dir")
+        ),
         "model.image-size": SIZE,
         "data.path": str(_images(tmp / "train", 10, seed=1)),
         "data.test-path": str(_images(tmp / "test", 4, seed=2)),

@@ -17,8 +17,6 @@ from torch.utils.data import TensorDataset
 from transformers import (
     ResNetConfig,
     ResNetForImageClassification,
-    ViTConfig,
-    ViTForImageClassification,
 )
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 from typer.testing import CliRunner
@@ -32,7 +30,7 @@ from fedhaven.tasks import image_cls as ic
 from fedhaven.training import train_round
 
 LABELS = ["dark", "mid", "light"]
-SIZE = 16
+SIZE = 16  # the tiny ViT's image size (conftest.py: tiny_vit_dir)
 
 
 def _image(label: int, seed: int, mode: str = "L") -> Image.Image:
@@ -78,20 +76,8 @@ def resnet_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def vit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny ViT without an image processor: fedhaven's default one applies."""
-    d = tmp_path_factory.mktemp("tiny-vit")
-    config = ViTConfig(
-        image_size=SIZE,
-        patch_size=4,
-        num_channels=3,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
-    ViTForImageClassification(config).save_pretrained(d)
-    return d
+def vit_dir(tiny_vit_dir: Path) -> Path:
+    return tiny_vit_dir
 
 
 def _cfg(model_dir: Path, data: Path | str, **flat: object) -> Config:
