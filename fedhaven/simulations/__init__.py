@@ -89,31 +89,18 @@ def site_settings(spec: Mapping[str, Any], cfg: Config) -> dict[int, dict[str, A
     for key, upper in ((EPSILON_BUDGET, float("inf")), (DELTA, 1.0)):
         if key not in spec:
             continue
-        raw = spec[key]
-        items = raw.split(",") if isinstance(raw, str) else raw
-        items = items if isinstance(items, list | tuple) else [items]
-        fix = f"give one number in (0, {upper:g}) or {n} comma-separated ones, one per site"
-        try:
-            values = [float(v) for v in items]
-        except (TypeError, ValueError):
-            values = []
-        if len(values) == 1:
-            values *= n
-        if len(values) != n or not all(0 < v < upper for v in values):
-            raise FedhavenError(f"site setting '{SITES_PREFIX}{key}' = {raw!r} is invalid: {fix}")
+        values = _per_site_numbers(spec[key], n)
+        if not values or not all(0 < v < upper for v in values):
+            fix = f"give one number in (0, {upper:g}) or {n} comma-separated ones, one per site"
+            raise FedhavenError(
+                f"site setting '{SITES_PREFIX}{key}' = {spec[key]!r} is invalid: {fix}"
+            )
         for i, v in enumerate(values):
             sites[i][key] = v
     if UPDATE_SCALE in spec:
         raw = spec[UPDATE_SCALE]
-        items = raw.split(",") if isinstance(raw, str) else raw
-        items = items if isinstance(items, list | tuple) else [items]
-        try:
-            scales = [float(v) for v in items]
-        except (TypeError, ValueError):
-            scales = []
-        if len(scales) == 1:
-            scales *= n
-        if len(scales) != n or not all(math.isfinite(s) for s in scales):
+        scales = _per_site_numbers(raw, n)
+        if not scales or not all(math.isfinite(s) for s in scales):
             raise FedhavenError(
                 f"site setting '{SITES_PREFIX}{UPDATE_SCALE}' = {raw!r} is invalid: give "
                 f"{n} comma-separated numbers, one per site (1 = honest, e.g. 100 for a "
@@ -138,6 +125,19 @@ def site_settings(spec: Mapping[str, Any], cfg: Config) -> dict[int, dict[str, A
             with_site_rank(cfg, {LORA_RANK: rank})  # the site's own checks, before Ray starts
             sites[i][LORA_RANK] = rank
     return sites
+
+
+def _per_site_numbers(raw: Any, n: int) -> list[float]:
+    """One number per site from one number, a list, or a comma-separated string (``[]``: not
+    numbers, or a count other than 1 or ``n``)."""
+    items = raw.split(",") if isinstance(raw, str) else raw
+    items = items if isinstance(items, list | tuple) else [items]
+    try:
+        values = [float(v) for v in items]
+    except (TypeError, ValueError):
+        return []
+    values = values * n if len(values) == 1 else values
+    return values if len(values) == n else []
 
 
 def update_scale_mod(sites: SiteSettings) -> Mod:
