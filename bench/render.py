@@ -455,7 +455,7 @@ def strategies(r: Results, record: dict[str, Any]) -> dict[str, Any]:
             )
             sentences.append(
                 f"{words}, {_partition(partition)}: the best of {len(cells)} rules is "
-                f"{best['rule']} at {f3(best['macro_f1'])} macro-F1, {gap:.1f} points "
+                f"{best['rule']} at {f3(best['macro_f1'])} macro-F1, {abs(gap):.1f} points "
                 f"{'below' if gap >= 0 else 'above'} centralized ({f3(central['macro_f1'])}; "
                 f"{verdict})."
             )
@@ -474,9 +474,20 @@ def strategies(r: Results, record: dict[str, Any]) -> dict[str, Any]:
         if clean is not None:
             change = 100 * (x["macro_f1"] - clean["macro_f1"])
             attack.append(f"{x['rule']}: {f3(x['macro_f1'])} ({change:+.1f} points)")
+    norms = [
+        x["update_norm_median"] for x in d["cells"]
+        if x["rule"] == "fedavg" and not x["hostile"] and x.get("update_norm_median")
+    ]  # fmt: skip
+    bound = (
+        f" The clean runs' median update norm was {statistics.median(norms):.3g}, so the bound "
+        f"was {2 * statistics.median(norms):.3g} and the hostile update, 100 times longer, "
+        "counted twice an honest one."
+        if norms
+        else ""
+    )
     hostile_body = (
         f"{d['hostile_table']}\n\nMacro-F1 with the hostile site, against clean fedavg on the "
-        f"same partition and ε: {'; '.join(attack)}."
+        f"same partition and ε: {'; '.join(attack)}.{bound}"
         if hostile
         else "_The hostile-site table did not run (`--hostile`)._"
     )

@@ -196,6 +196,7 @@ def main() -> None:
         if set(only) & set(timed):
             rerun = [n for n in only if n in timed]
             record.setdefault("reruns", []).append({"date": now, "scripts": rerun})
+    record["scripts"] = {n: record["scripts"][n] for n in names if n in record["scripts"]}
     record_path.write_text(json.dumps(record, indent=1) + "\n")
     write_report(target, results, record, a.quick)
     console.print(

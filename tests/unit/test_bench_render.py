@@ -141,7 +141,10 @@ def _cells(central: float, best: float, hostile: float) -> dict[str, Any]:
         {"rule": "krum", "partition": "dirichlet:0.5", "epsilon": "8", "hostile": True,
          "macro_f1": hostile, "bytes_per_round": 1000.0},
     ]  # fmt: skip
-    return {"strategies": {"table": "| s |", "hostile_table": "| h |", "rows": rows}}
+    cells = [{"rule": "fedavg", "hostile": False, "update_norm_median": 12.0}]
+    return {
+        "strategies": {"table": "| s |", "hostile_table": "| h |", "rows": rows, "cells": cells}
+    }
 
 
 def test_the_rules_goal_is_the_best_rule_against_centralized_at_the_same_privacy() -> None:
@@ -154,6 +157,9 @@ def test_the_rules_goal_is_the_best_rule_against_centralized_at_the_same_privacy
     assert "FFA-LoRA moves 0.54× fedavg's bytes per round." in near["sentences"]
     # krum under attack against clean fedavg (0.35): 5 points lower
     assert "krum: 0.300 (-5.0 points)" in near["hostile"]
+    assert "median update norm was 12, so the bound was 24" in near["hostile"]
+    above = render.strategies(_cells(central=0.42, best=0.45, hostile=0.30), record)
+    assert "ffa at 0.450 macro-F1, 3.0 points above centralized" in above["sentences"]
     far = render.strategies(_cells(central=0.42, best=0.38, hostile=0.30), record)
     assert "4.0 points below centralized (0.420; goal ≤ 3: not met)" in far["sentences"]
     assert far["measured"].startswith("Not run by this suite's timed pass")
