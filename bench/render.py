@@ -491,8 +491,14 @@ def strategies(r: Results, record: dict[str, Any]) -> dict[str, Any]:
         if hostile
         else "_The hostile-site table did not run (`--hostile`)._"
     )
+    runs = [x for x in d["cells"] if x.get("wall_s")]
+    slices = (
+        f" The table holds {len(runs)} federated runs ({sum(x['wall_s'] for x in runs) / 60:.0f} "
+        "min of simulation) from every slice measured so far; the latest slice:"
+    )
     return {
         "table": d["table"],
+        "slices": slices,
         "sentences": "\n- ".join(sentences) or "no centralized row to compare with.",
         "hostile": hostile_body,
         "measured": separately("strategies", record),
