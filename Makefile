@@ -27,7 +27,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check fedhaven tests bench
 	$(VENV)/bin/ruff format --check fedhaven tests bench
 
-# Every benchmark in bench/, then BENCHMARKS.md rewritten (under 30 min on 2 cores);
+# The timed benchmarks in bench/, then BENCHMARKS.md rewritten (17 min on 2 cores; the
+# longer presets and strategies benchmarks: `$(PY) bench/suite.py --only presets,strategies`);
 # `$(PY) bench/suite.py --quick` is a smoke run that leaves BENCHMARKS.md alone.
 bench: $(STAMP)
 	$(PY) bench/suite.py
