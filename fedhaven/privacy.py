@@ -261,15 +261,19 @@ def run_identity(cfg: Config) -> str:
     Not Flower's run id: a resumed run is a new Flower run (a new id), and the ledger's
     entries show it. The coordinator resumes only with the checkpoint's run config, every key
     equal but those a resume may change (``fedhaven.server.app.RESUME_MAY_CHANGE``: resume,
-    round-timeout, out-dir), so the hash of the run config without those keys is the same in a
-    resumed run as in the run it resumes. A new run with the same config has it too:
+    round-timeout, out-dir, site-cpus), so the hash of the run config without those keys is
+    the same in a resumed run as in the run it resumes. A new run with the same config has it too:
     :meth:`PriorStore.load` tells that one apart by the Flower run id and ``federation.resume``.
     """
     fed = FederationConfig()
     same = replace(
         cfg,
         federation=replace(
-            cfg.federation, resume=fed.resume, round_timeout=fed.round_timeout, out_dir=fed.out_dir
+            cfg.federation,
+            resume=fed.resume,
+            round_timeout=fed.round_timeout,
+            out_dir=fed.out_dir,
+            site_cpus=fed.site_cpus,
         ),
     )
     text = json.dumps(same.to_flat(), sort_keys=True)

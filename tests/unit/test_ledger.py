@@ -348,6 +348,7 @@ def test_the_run_identity_ignores_exactly_what_a_resume_may_change(tiny_cfg: Con
         "federation.resume": True,
         "federation.round-timeout": 5.0,
         "federation.out-dir": "elsewhere",
+        "federation.site-cpus": 1,
     }
     assert set(changed) == set(RESUME_MAY_CHANGE)  # a new one: add it here and to run_identity
     base = run_identity(tiny_cfg)
