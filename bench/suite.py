@@ -17,7 +17,8 @@ never touches BENCHMARKS.md.
 Two benchmarks take longer than the suite's half hour on their own (the presets' two demos,
 and the aggregation rules' grid of 10-site federations): they are *separate*. A full pass
 skips them and keeps their last results, which the report shows with their own date; `--only`
-runs them.
+runs them. Their results live in bench/results/, kept in git, so that `make bench` on a fresh
+clone still reports them (a quick run keeps its own).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 REPORT = ROOT / "BENCHMARKS.md"
 RUN_FILE = "suite.json"  # the suite's own record: settings, per-script times and outcomes
+KEPT = BENCH / "results"  # the separate benchmarks' results and record entries (in git)
 
 
 @dataclass(frozen=True)
@@ -122,16 +124,18 @@ def main() -> None:
     folder = ROOT / "runs" / ("bench-quick" if a.quick else "bench")
     results, runs = folder / "results", folder / "runs"
     target = folder / "BENCHMARKS.md" if a.quick else REPORT
+    kept = results if a.quick else KEPT
     console = Console()
     record_path = folder / RUN_FILE
+    names = [b.name for b in suite]
+    timed = [b.name for b in suite if not b.separate]
     if a.render:
         if not record_path.is_file():
             sys.exit(f"no results in {folder}: run the suite first")
-        write_report(target, results, json.loads(record_path.read_text()), a.quick)
+        record = with_kept(json.loads(record_path.read_text()), kept, names, timed)
+        write_report(target, [results, kept], record, a.quick)
         console.print(f"wrote {target.relative_to(ROOT)}", highlight=False)
         return
-    names = [b.name for b in suite]
-    timed = [b.name for b in suite if not b.separate]
     only = timed if a.only is None else [n.strip() for n in a.only.split(",")]
     unknown = sorted(set(only) - set(names))
     if unknown:
@@ -146,8 +150,8 @@ def main() -> None:
         for name in timed:
             (results / f"{name}.json").unlink(missing_ok=True)
             (folder / f"{name}.log").unlink(missing_ok=True)
-        kept = record.get("scripts", {})
-        record = {"scripts": {n: kept[n] for n in names if n in kept and n not in timed}}
+        record = {"scripts": {}}
+    record = with_kept(record, kept, names, timed)
     results.mkdir(parents=True, exist_ok=True)
     runs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, RESULTS_ENV: str(results), RUNS_ENV: str(runs)}
@@ -172,7 +176,8 @@ def main() -> None:
         for bench in (b for b in suite if b.name in only):
             task = progress.add_task(f"[bold]{bench.name}[/bold]  starting", total=1)
             t0 = time.perf_counter()
-            rc = run_one(bench, env, folder / f"{bench.name}.log", progress, task)
+            own = env | {RESULTS_ENV: str(kept)} if bench.separate else env
+            rc = run_one(bench, own, folder / f"{bench.name}.log", progress, task)
             seconds = time.perf_counter() - t0
             record["scripts"][bench.name] = {
                 "args": bench.args,
@@ -198,7 +203,10 @@ def main() -> None:
             record.setdefault("reruns", []).append({"date": now, "scripts": rerun})
     record["scripts"] = {n: record["scripts"][n] for n in names if n in record["scripts"]}
     record_path.write_text(json.dumps(record, indent=1) + "\n")
-    write_report(target, results, record, a.quick)
+    separate = {n: s for n, s in record["scripts"].items() if n not in timed}
+    kept.mkdir(parents=True, exist_ok=True)
+    (kept / RUN_FILE).write_text(json.dumps(separate, indent=1) + "\n")
+    write_report(target, [results, kept], record, a.quick)
     console.print(
         f"wrote {target.relative_to(ROOT)} in {record['suite_seconds'] / 60:.1f} min; "
         f"logs in {folder.relative_to(ROOT)}/",
@@ -208,8 +216,22 @@ def main() -> None:
         sys.exit(f"failed: {', '.join(failed)} (see their logs)")
 
 
-def write_report(target: Path, results: Path, record: dict, quick: bool) -> None:
-    data = {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json"))}
+def with_kept(record: dict, kept: Path, names: list[str], timed: list[str]) -> dict:
+    """``record`` with the separate benchmarks' entries from ``kept`` (the latest of each)."""
+    path = kept / RUN_FILE
+    entries = json.loads(path.read_text()) if path.is_file() else {}
+    record.setdefault("scripts", {})
+    record["scripts"] |= {n: s for n, s in entries.items() if n in names and n not in timed}
+    return record
+
+
+def write_report(target: Path, folders: list[Path], record: dict, quick: bool) -> None:
+    data = {
+        p.stem: json.loads(p.read_text())
+        for folder in folders
+        for p in sorted(folder.glob("*.json"))
+        if p.name != RUN_FILE
+    }
     target.write_text(render(data, record))
 
 
