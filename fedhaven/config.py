@@ -52,6 +52,16 @@ STRATEGIES = (
     "krum",
     "flexlora",
 )
+#: Run-config keys a resume may change: the switch itself, how long a round waits for the
+#: sites, where the run directory lies (a moved run directory can still be resumed), and the
+#: simulated sites' CPUs. Everything else shapes the model or the privacy guarantee and must
+#: stay the checkpoint's (fedhaven.server.app) and names the run (fedhaven.privacy).
+RESUME_MAY_CHANGE = (
+    "federation.resume",
+    "federation.round-timeout",
+    "federation.out-dir",
+    "federation.site-cpus",
+)
 #: Rules whose server side is the plain average that central DP's sensitivity bound assumes
 #: (FedProx changes only the sites' local objective).
 CENTRAL_DP_STRATEGIES = ("fedavg", "ffa", "fedprox")

@@ -16,7 +16,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from opacus.accountants import create_accountant
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
 
-from fedhaven.config import Config, FederationConfig, PrivacyConfig
+from fedhaven.config import RESUME_MAY_CHANGE, Config, PrivacyConfig
 from fedhaven.errors import FedhavenError
 
 
@@ -260,23 +260,13 @@ def run_identity(cfg: Config) -> str:
 
     Not Flower's run id: a resumed run is a new Flower run (a new id), and the ledger's
     entries show it. The coordinator resumes only with the checkpoint's run config, every key
-    equal but those a resume may change (``fedhaven.server.app.RESUME_MAY_CHANGE``: resume,
-    round-timeout, out-dir, site-cpus), so the hash of the run config without those keys is
-    the same in a resumed run as in the run it resumes. A new run with the same config has it too:
+    equal but those a resume may change (:data:`fedhaven.config.RESUME_MAY_CHANGE`), so the
+    hash of the run config without those keys is the same in a resumed run as in the run it
+    resumes. A new run with the same config has it too:
     :meth:`PriorStore.load` tells that one apart by the Flower run id and ``federation.resume``.
     """
-    fed = FederationConfig()
-    same = replace(
-        cfg,
-        federation=replace(
-            cfg.federation,
-            resume=fed.resume,
-            round_timeout=fed.round_timeout,
-            out_dir=fed.out_dir,
-            site_cpus=fed.site_cpus,
-        ),
-    )
-    text = json.dumps(same.to_flat(), sort_keys=True)
+    named = {k: v for k, v in cfg.to_flat().items() if k not in RESUME_MAY_CHANGE}
+    text = json.dumps(named, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -35,7 +35,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedhaven import auditlog, protocol
 from fedhaven.auditlog import AuditLog
-from fedhaven.config import Config, from_flat
+from fedhaven.config import RESUME_MAY_CHANGE, Config, from_flat
 from fedhaven.errors import FedhavenError
 from fedhaven.models import (
     adapter_state,
@@ -170,16 +170,6 @@ class _Stop(Exception):
 CHECKPOINT_DIR = "checkpoint"
 MANIFEST = "manifest.json"
 CHECKPOINT_FORMAT = 1
-#: Run-config keys a resume may change: the switch itself, how long a round waits for the
-#: sites, where the run directory lies (a moved run directory can still be resumed), and
-#: the simulated sites' CPUs.
-#: Everything else shapes the model or the privacy guarantee and must stay the checkpoint's.
-RESUME_MAY_CHANGE = (
-    "federation.resume",
-    "federation.round-timeout",
-    "federation.out-dir",
-    "federation.site-cpus",
-)
 _ARRAY = "__ndarray__"  # marks a reference to an array of the checkpoint's .npz in the JSON
 
 
