@@ -28,12 +28,11 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fedhaven import data as fdata
 from fedhaven import protocol
-from fedhaven.client.app import SiteSettings, with_site_rank
+from fedhaven.client.app import SiteSettings, node_settings, with_site_rank
 from fedhaven.config import (
     DELTA,
     EPSILON_BUDGET,
     LORA_RANK,
-    PARTITION_ID,
     STATE_DIR,
     UPDATE_SCALE,
     Config,
@@ -149,8 +148,7 @@ def update_scale_mod(sites: SiteSettings) -> Mod:
 
     def mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
         reply = call_next(msg, ctxt)
-        own = sites.get(int(ctxt.node_config.get(PARTITION_ID, -1)), {})
-        scale = float(own.get(UPDATE_SCALE, 1.0))
+        scale = float(node_settings(ctxt, sites).get(UPDATE_SCALE, 1.0))
         if scale == 1.0 or reply.has_error() or msg.metadata.message_type != MessageType.TRAIN:
             return reply
         sent = {k: a.numpy() for k, a in msg.content[protocol.ARRAYS].items()}
