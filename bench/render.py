@@ -459,10 +459,17 @@ def strategies(r: Results, record: dict[str, Any]) -> dict[str, Any]:
                 f"{'below' if gap >= 0 else 'above'} centralized ({f3(central['macro_f1'])}; "
                 f"{verdict})."
             )
-    fedavg = [x["bytes_per_round"] for x in rows if x["rule"] == "fedavg"]
-    ffa = [x["bytes_per_round"] for x in rows if x["rule"] == "ffa"]
-    if fedavg and ffa:
-        sentences.append(f"FFA-LoRA moves {ffa[0] / fedavg[0]:.2f}× fedavg's bytes per round.")
+    # bytes depend on the settings (the no-DP preset adapts every layer): same cell only
+    fedavg = {(x["partition"], x["epsilon"]): x["bytes_per_round"] for x in rows
+              if x["rule"] == "fedavg"}  # fmt: skip
+    ratios = [
+        x["bytes_per_round"] / fedavg[x["partition"], x["epsilon"]] for x in rows
+        if x["rule"] == "ffa" and (x["partition"], x["epsilon"]) in fedavg
+    ]  # fmt: skip
+    if ratios:
+        sentences.append(
+            f"FFA-LoRA moves {statistics.median(ratios):.2f}× fedavg's bytes per round."
+        )
     hostile = [x for x in d["rows"] if x["hostile"]]
     attack = []
     for x in hostile:

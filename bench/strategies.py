@@ -40,7 +40,7 @@ NAME = "strategies"
 PARTITIONS = "iid,dirichlet:1.0,dirichlet:0.5,dirichlet:0.1"
 #: flexlora needs sites at ranks of their own (a site setting): its own benchmark
 RULES = ",".join(r for r in STRATEGIES if r != "flexlora")
-#: The hostile site's update factor, and the robust rules' table (label -> extra arguments).
+#: The hostile site's update factor, and the rows of the robust rules' table.
 HOSTILE_SCALE = 100.0
 NORM_BOUND = "fedavg + norm bound"
 ROBUST = ("fedavg", "fedmedian", "trimmedavg", "krum", NORM_BOUND)
@@ -150,7 +150,7 @@ def main() -> None:
                     run = measure(label, base | {"rule": rule, "partition": partition}, args)
                     flat = flat or run.summary["config"]
                 if a.hostile:
-                    hostile_rows(partition, common, base, measure)
+                    hostile_rows(partition, a.sites, common, base, measure)
             if not a.no_centralized and flat is not None:
                 central = centralized(flat, f"strategies: centralized, ε {eps}")["evaluation"]
                 cells.append(
@@ -167,23 +167,23 @@ def main() -> None:
 
 def hostile_rows(
     partition: str,
+    sites: int,
     common: list[str],
     base: dict[str, Any],
     measure: Callable[[str, dict[str, Any], list[str]], Run],
 ) -> None:
     """The robust rules with site 0 sending its update ×HOSTILE_SCALE, and the clean fedavg run
     whose median update norm sets the norm bound (shared with the grid when it ran)."""
-    sites = int(common[common.index("--sites") + 1])
     scale = ",".join([f"{HOSTILE_SCALE:g}"] + ["1"] * (sites - 1))
     args = [*common, "--partition", partition]
     clean = simulate("strategies: clean fedavg", [*args, "--set", "federation.strategy=fedavg"])
-    bound = 2 * (cell(clean)["update_norm_median"] or 0.0)
+    norm = cell(clean)["update_norm_median"]
+    if not norm:  # a bound of 0 would switch norm bounding off, not bound anything
+        raise SystemExit("the clean fedavg run reported no update norms: no bound to set")
     for rule in ROBUST:
-        settings = ["--set", "federation.strategy=fedavg"]
+        settings = ["--set", f"federation.strategy={'fedavg' if rule == NORM_BOUND else rule}"]
         if rule == NORM_BOUND:
-            settings += ["--set", f"federation.update-norm-bound={bound:.6g}"]
-        else:
-            settings = ["--set", f"federation.strategy={rule}"]
+            settings += ["--set", f"federation.update-norm-bound={2 * norm:.6g}"]
         label = f"strategies: {rule}, site 0 ×{HOSTILE_SCALE:g}, {partition}"
         info = base | {"rule": rule, "partition": partition, "hostile": True}
         measure(label, info, [*args, *settings, "--site-update-scale", scale])
