@@ -170,6 +170,22 @@ def _final(g: dict[str, Any], metrics: list[str]) -> str:
     return text[0].upper() + text[1:] + "."
 
 
+def _hostile(summary: dict[str, Any]) -> list[str]:
+    """A warning that the run is a robustness experiment, not a clean federation: some
+    simulated sites scaled their updates (``--site-update-scale``)."""
+    scaled = summary.get("simulated_update_scale")
+    if not scaled:
+        return []
+    which = ", ".join(
+        f"partition {i} ×{s:g}" for i, s in sorted(scaled.items(), key=lambda x: int(x[0]))
+    )
+    return [
+        f"> **Hostile-site simulation**: these sites' updates were scaled before sending "
+        f"({which}). Not a clean run.",
+        "",
+    ]
+
+
 def _markdown(summary: dict[str, Any], rounds: list[dict[str, Any]], names: dict[str, str]) -> str:
     cfg, g, labels = summary["config"], summary["global"], summary["labels"]
     metrics, scores = _metrics(summary), _scores(summary)
@@ -183,6 +199,7 @@ def _markdown(summary: dict[str, Any], rounds: list[dict[str, Any]], names: dict
         + (f", labels {', '.join(labels)}" if labels else "")
         + f". Wall time {summary['wall_s']:.0f} s.",
         "",
+        *_hostile(summary),
         "## Privacy",
         "",
         (
@@ -284,6 +301,7 @@ def model_card(summary: dict[str, Any]) -> str:
     lines = [
         "# Model card",
         "",
+        *_hostile(summary),
         "## Model",
         "",
         f"- Base model: `{cfg['model.path']}`; task `{task}`: {what}.",

@@ -39,7 +39,7 @@ from fedhaven.config import (
     from_flat,
 )
 from fedhaven.errors import FedhavenError
-from fedhaven.report import SIMULATION, SUMMARY_FILE
+from fedhaven.report import SIMULATION, SUMMARY_FILE, write_report
 from fedhaven.server.app import ProgressFn
 from fedhaven.tasks import get_task
 
@@ -245,4 +245,5 @@ def _simulate(
         summary["simulated_update_scale"] = {str(i): s for i, s in hostile.items()}
         with open(path, "w") as f:
             json.dump(summary, f, indent=2)
+        write_report(cfg.federation.out_dir)  # again, so the report and card say so too
     return summary

@@ -117,6 +117,11 @@ def test_a_hostile_site_reaches_the_coordinator_scaled(
     flat = {**tiny_flat, "federation.sites": 3, "privacy.enabled": False}
     summary = simulate({**flat, "federation.out-dir": str(out)}, sites={UPDATE_SCALE: "100,1,1"})
     assert summary["simulated_update_scale"] == {"0": 100.0}
+    # the report and the adapter's card warn that this was no clean run
+    for doc in (out / "report.md", out / "adapter" / "model_card.md"):
+        assert (
+            "Hostile-site simulation" in doc.read_text() and "partition 0 ×100" in doc.read_text()
+        )
     for r in (json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()):
         # two honest updates of similar length and one 100 times its own length
         assert r["update_norm_max"] > 20 * r["update_norm_median"] > 0

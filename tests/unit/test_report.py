@@ -89,6 +89,17 @@ def test_report_of_a_run_without_dp_says_so(run_dir: Path) -> None:
     assert "No record-level DP" in write_report(run_dir).read_text()
 
 
+def test_report_of_a_hostile_site_simulation_warns(run_dir: Path) -> None:
+    assert "Hostile-site" not in write_report(run_dir).read_text()  # a clean run: no warning
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["simulated_update_scale"] = {"10": 0.5, "2": 100.0}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    warning = "Hostile-site simulation"
+    text = write_report(run_dir).read_text()
+    assert warning in text and "(partition 2 ×100, partition 10 ×0.5)" in text
+    assert text.index(warning) < text.index("## Privacy")
+
+
 def test_a_directory_that_is_not_a_run_is_refused(tmp_path: Path) -> None:
     with pytest.raises(FedhavenError, match=r"has no summary\.json"):
         write_report(tmp_path)
