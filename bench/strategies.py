@@ -117,17 +117,27 @@ def table(rows: list[dict[str, Any]], hostile: bool) -> str:
     )  # fmt: skip
 
 
+def seed_list(text: str) -> list[int]:
+    """``--seeds``: comma-separated integers (argparse turns the error into a usage line)."""
+    try:
+        return [int(s) for s in text.split(",") if s]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give integers, e.g. 0,1,2") from None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rules", default=RULES)
     ap.add_argument("--partitions", default=PARTITIONS)
     ap.add_argument("--privacy", default="off,8", help="off and/or target ε values")
     ap.add_argument("--sites", type=int, default=10)
-    ap.add_argument("--seeds", default="", help="training seeds, one run each (default: one)")
+    ap.add_argument(
+        "--seeds", type=seed_list, default=[], help="training seeds, one run each (default: one)"
+    )
     ap.add_argument("--hostile", action="store_true", help="also the hostile-site table")
     ap.add_argument("--no-centralized", action="store_true", help="skip the centralized rows")
     a, extra = ap.parse_known_args()
-    seeds: list[int | None] = [int(s) for s in a.seeds.split(",") if s] or [None]
+    seeds: list[int | None] = [*a.seeds] or [None]
     cells: list[dict[str, Any]] = []
 
     def measure(label: str, base: dict[str, Any], args: list[str]) -> Run:
