@@ -24,8 +24,16 @@ from fedhaven.hf_mean_pooling import MeanPoolingForSequenceClassification
 from fedhaven.tasks import get_task
 
 AdapterState = dict[str, torch.Tensor]
-#: In the names of PEFT's LoRA A matrices (frozen by the "ffa" rule).
+#: In the names of PEFT's LoRA A and B matrices (A is frozen by the "ffa" rule; A is r × in,
+#: B out × r, PEFT's delta (α/r)·B·A).
 LORA_A = ".lora_A."
+LORA_B = ".lora_B."
+
+
+def is_lora(name: str) -> bool:
+    """Whether a parameter or adapter key is one of LoRA's factors (not a tensor trained in
+    full, such as the head)."""
+    return LORA_A in name or LORA_B in name
 
 
 def build_base(cfg: Config) -> nn.Module:
@@ -182,9 +190,6 @@ def full_model_bytes(model: torch.nn.Module) -> int:
 
 
 # --- LoRA at another rank (federation.strategy = flexlora) ----------------------------------
-
-#: In the names of PEFT's LoRA B matrices (out × r; A is r × in, PEFT's delta (α/r)·B·A).
-LORA_B = ".lora_B."
 
 
 def lora_pairs(names: Iterable[str]) -> dict[str, str]:

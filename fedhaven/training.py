@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.hooks import RemovableHandle
 
 from fedhaven.config import Config
+from fedhaven.models import is_lora
 from fedhaven.privacy import label_prior as private_label_prior
 from fedhaven.privacy import make_private, noise_for_budget, private_generator, sample_rate
 from fedhaven.tasks import get_task
@@ -53,14 +54,11 @@ def lr_factor(server_round: int, cfg: Config) -> float:
     return (rounds - min(max(server_round, 1), rounds) + 1) / rounds
 
 
-LORA_MARKER = "lora_"  # in the names of PEFT's LoRA parameters (lora_A, lora_B)
-
-
 def _optimizer(model: torch.nn.Module, cfg: Config, factor: float) -> torch.optim.Optimizer:
     lora, other = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (lora if LORA_MARKER in name else other).append(p)
+            (lora if is_lora(name) else other).append(p)
     lr = cfg.train.learning_rate * factor
     lora_lr = (cfg.train.lora_learning_rate or cfg.train.learning_rate) * factor
     groups = [{"params": other}, {"params": lora, "lr": lora_lr}]
@@ -73,7 +71,7 @@ def _check_weights_moved(model: torch.nn.Module, before: dict[str, torch.Tensor]
     """Guard against opacus#820: after step 1 the trainable weights must have changed."""
     now = dict(model.named_parameters())
     moved = [n for n, t in before.items() if not torch.equal(t, now[n].detach())]
-    lora = [n for n in before if LORA_MARKER in n]
+    lora = [n for n in before if is_lora(n)]
     if not moved or (lora and not set(lora) & set(moved)):
         raise RuntimeError(
             "trainable weights did not change after the first optimizer step "

@@ -39,6 +39,7 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 from fedhaven import auditlog, protocol
 from fedhaven.auditlog import AuditLog
 from fedhaven.errors import FedhavenError
+from fedhaven.models import is_lora
 from fedhaven.strategies.norm_bound import NormBounded
 
 log = logging.getLogger(__name__)
@@ -307,16 +308,33 @@ class ServerOptimizer(FedOpt):
     * the new global arrays keep the dtype of the arrays sent: Flower's step mixes in
       float64 scalars, which under NumPy 2 would turn a float32 adapter into a float64 one
       (twice the bytes to every site, every round).
+    * the server step moves the LoRA tensors only; the tensors trained in full (the head,
+      ``lora.modules-to-save``) take the sites' weighted mean, as under FedAvg. Adam's step
+      moves each coordinate by about η whatever the update's size, and the sites move the
+      head with a learning rate 600× LoRA's under DP (3× without): no one η serves both.
+      At ε=8 on the demo, η = 0.01 over every tensor left the head near its start (every
+      prediction the majority class), η = 1 diverged (BENCHMARKS.md, strategies).
     """
+
+    def _compute_deltat_and_mt(
+        self, aggregated_arrayrecord: ArrayRecord
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+        # Flower's FedOpt step begins here with the sites' weighted mean: keep it for the
+        # tensors the step leaves alone
+        delta_t, m_t, mean = super()._compute_deltat_and_mt(aggregated_arrayrecord)
+        self._mean = mean
+        return delta_t, m_t, mean
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        self._mean: dict[str, np.ndarray] = {}
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is None or self.current_arrays is None:
             return arrays, metrics
         dtypes = {k: v.dtype for k, v in self.current_arrays.items()}
-        cast = {k: Array(np.asarray(a.numpy(), dtype=dtypes[k])) for k, a in arrays.items()}
+        stepped = {k: a.numpy() if is_lora(k) else self._mean[k] for k, a in arrays.items()}
+        cast = {k: Array(np.asarray(a, dtype=dtypes[k])) for k, a in stepped.items()}
         return ArrayRecord(cast), metrics
 
     def state_dict(self) -> dict[str, dict[str, np.ndarray] | None]:

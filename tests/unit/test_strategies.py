@@ -180,22 +180,31 @@ def test_norm_bound_needs_the_arrays_sent() -> None:
 # --- server optimizers -----------------------------------------------------------------
 
 
+#: A LoRA factor's key (the server step moves it) and a head's (trained in full: the mean).
+LORA_KEY, HEAD_KEY = "encoder.layer.0.query.lora_B.weight", "classifier.weight"
+
+
 @pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
-def test_server_optimizer_steps_toward_the_mean_update(name: str) -> None:
+def test_server_optimizer_steps_lora_toward_the_mean_update(name: str) -> None:
     eta = 0.01
     strategy = build_strategy(_cfg(name, sites=2, **{"federation.server-learning-rate": eta}))
-    sent = {"w": np.array([[1.0, -1.0], [0.5, 0.0]], np.float32)}
+    w = np.array([[1.0, -1.0], [0.5, 0.0]], np.float32)
+    sent = {LORA_KEY: w, HEAD_KEY: w}
     _configure(strategy, sent, [1, 2])
     deltas = [np.array([[0.4, -0.2], [0.0, 0.3]]), np.array([[0.2, -0.4], [-0.2, 0.1]])]
-    new = _aggregate(
-        strategy, 1, [_site(i + 1, {"w": sent["w"] + d}) for i, d in enumerate(deltas)]
-    )
-    mean = np.mean(deltas, axis=0)  # [[0.3, -0.3], [-0.1, 0.2]]
-    assert new["w"].dtype == np.float32  # not Flower's float64: twice the bytes
-    step = new["w"] - sent["w"]
+    replies = [
+        _site(1, {k: w + deltas[0] for k in sent}, examples=10),
+        _site(2, {k: w + deltas[1] for k in sent}, examples=30),
+    ]
+    new = _aggregate(strategy, 1, replies)
+    mean = (10 * deltas[0] + 30 * deltas[1]) / 40  # [[0.25, -0.35], [-0.15, 0.15]]
+    assert {a.dtype for a in new.values()} == {np.dtype(np.float32)}  # not float64: 2× bytes
+    step = new[LORA_KEY] - w
     np.testing.assert_array_equal(np.sign(step), np.sign(mean))
     # an adaptive step: about η per coordinate, whatever the update's size (not the average)
     assert np.all(np.abs(step) <= eta * 1.0001) and np.all(np.abs(step) > eta / 10)
+    # the head is trained in full at a learning rate of its own: it takes the sites' mean
+    np.testing.assert_allclose(new[HEAD_KEY], w + mean, rtol=1e-6)
 
 
 @pytest.mark.parametrize("cls", [FedAdam, FedYogi])
@@ -203,21 +212,24 @@ def test_server_optimizer_state_round_trips(cls: type[FedAdam] | type[FedYogi]) 
     def round_of(strategy: Validated, server_round: int, sent: dict[str, np.ndarray]):
         record = ArrayRecord({k: torch.from_numpy(v) for k, v in sent.items()})
         list(strategy.configure_train(server_round, record, ConfigRecord(), FakeGrid([1, 2])))
-        replies = [_site(1, {"w": sent["w"] + 0.3}), _site(2, {"w": sent["w"] - 0.1})]
+        replies = [
+            _site(1, {LORA_KEY: sent[LORA_KEY] + 0.3}),
+            _site(2, {LORA_KEY: sent[LORA_KEY] - 0.1}),
+        ]
         return _aggregate(strategy, server_round, replies)
 
     first = cls(min_train_nodes=2, min_available_nodes=2)
     assert first.state_dict() == {"m_t": None, "v_t": None}
-    after_1 = round_of(first, 1, {"w": np.zeros(3, np.float32)})
+    after_1 = round_of(first, 1, {LORA_KEY: np.zeros(3, np.float32)})
     state = first.state_dict()
     assert set(state) == {"m_t", "v_t"} and state["m_t"] is not None
     resumed = cls(min_train_nodes=2, min_available_nodes=2)
     resumed.load_state_dict(state)
-    state["m_t"]["w"][:] = 99.0  # type: ignore[index]  # the strategy keeps its own copy
-    second = round_of(first, 2, after_1)["w"]
-    np.testing.assert_array_equal(round_of(resumed, 2, after_1)["w"], second)
+    state["m_t"][LORA_KEY][:] = 99.0  # type: ignore[index]  # the strategy keeps its own copy
+    second = round_of(first, 2, after_1)[LORA_KEY]
+    np.testing.assert_array_equal(round_of(resumed, 2, after_1)[LORA_KEY], second)
     # without the moments, round 2 would have gone elsewhere
-    fresh = round_of(cls(min_train_nodes=2, min_available_nodes=2), 2, after_1)["w"]
+    fresh = round_of(cls(min_train_nodes=2, min_available_nodes=2), 2, after_1)[LORA_KEY]
     assert not np.allclose(fresh, second)
 
 

@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 
 from fedhaven import training
 from fedhaven.config import Config, from_flat
-from fedhaven.models import adapter_state, build_model, set_adapter_state
+from fedhaven.models import adapter_state, build_model, is_lora, set_adapter_state
 from fedhaven.privacy import sample_rate
 from fedhaven.tasks import get_task
 from fedhaven.training import evaluate, lr_factor, steps_per_round, train_round
@@ -336,8 +336,8 @@ def test_proximal_term_keeps_the_weights_near_the_global_model(
         distances[mu] = {
             part: sum(((end[k] - start[k]) ** 2).sum().item() for k in end if is_part(k))
             for part, is_part in (
-                ("lora", lambda k: training.LORA_MARKER in k),
-                ("head", lambda k: training.LORA_MARKER not in k),
+                ("lora", is_lora),
+                ("head", lambda k: not is_lora(k)),
             )
         }
     for part in ("lora", "head"):
