@@ -327,11 +327,12 @@ class FederationConfig:
     strategy: str = "fedavg"
     # fedprox: μ of the proximal term μ/2·‖w − w_global‖² each site adds to its local loss.
     proximal_mu: float = 0.01
-    # fedadam / fedyogi: the server optimizer's step size η. Their step moves each coordinate
-    # by about η per round whatever the size of the averaged update (m/√v ≈ its sign), so η
-    # must be on the scale of one round's change of a LoRA weight: a few AdamW steps at
+    # fedadam / fedyogi: the server optimizer's step size η over the LoRA factors (the head
+    # takes the sites' mean: strategies/base.py). Their step moves each coordinate by about
+    # η per round whatever the size of the averaged update (m/√v ≈ its sign), so η must be
+    # on the scale of one round's change of a LoRA weight: a few AdamW steps at
     # train.lora-learning-rate (1e-3) each, i.e. ~1e-2. Flower's FedAdam default (0.1) would
-    # move every adapter weight 10-100× further than the sites themselves did.
+    # move every LoRA weight 10-100× further than the sites themselves did.
     server_learning_rate: float = 0.01
     # trimmedavg: the fraction of updates cut at each end, per coordinate, before averaging.
     trim_beta: float = 0.2
