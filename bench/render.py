@@ -481,9 +481,12 @@ def strategies(r: Results, record: dict[str, Any]) -> dict[str, Any]:
         if clean is not None:
             change = 100 * (x["macro_f1"] - clean["macro_f1"])
             attack.append(f"{x['rule']}: {f3(x['macro_f1'])} ({change:+.1f} points)")
+    # the bound came from the clean fedavg runs where the hostile runs were made, not others
+    attacked = {(x["partition"], x["epsilon"]) for x in hostile}
     norms = [
         x["update_norm_median"] for x in d["cells"]
         if x["rule"] == "fedavg" and not x["hostile"] and x.get("update_norm_median")
+        and (x.get("partition"), x.get("epsilon")) in attacked
     ]  # fmt: skip
     bound = (
         f" The clean runs' median update norm was {statistics.median(norms):.3g}, so the bound "

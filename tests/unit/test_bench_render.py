@@ -142,9 +142,14 @@ def _cells(central: float, best: float, hostile: float) -> dict[str, Any]:
          "macro_f1": hostile, "bytes_per_round": 1000.0},
     ]  # fmt: skip
     cells = [
-        {"rule": "fedavg", "hostile": False, "update_norm_median": 12.0, "wall_s": 90.0},
-        {"rule": "krum", "hostile": True, "update_norm_median": 12.0, "wall_s": 150.0},
-    ]
+        {"rule": "fedavg", "partition": "dirichlet:0.5", "epsilon": "8", "hostile": False,
+         "update_norm_median": 12.0, "wall_s": 90.0},
+        {"rule": "krum", "partition": "dirichlet:0.5", "epsilon": "8", "hostile": True,
+         "update_norm_median": 12.0, "wall_s": 150.0},
+        # no hostile runs without DP: its norms did not set the bound
+        {"rule": "fedavg", "partition": "dirichlet:0.5", "epsilon": "off", "hostile": False,
+         "update_norm_median": 1.0, "wall_s": 200.0},
+    ]  # fmt: skip
     return {
         "strategies": {"table": "| s |", "hostile_table": "| h |", "rows": rows, "cells": cells}
     }
@@ -161,7 +166,7 @@ def test_the_rules_goal_is_the_best_rule_against_centralized_at_the_same_privacy
     # krum under attack against clean fedavg (0.35): 5 points lower
     assert "krum: 0.300 (-5.0 points)" in near["hostile"]
     assert "median update norm was 12, so the bound was 24" in near["hostile"]
-    assert near["slices"].startswith(" The table holds 2 federated runs (4 min of simulation)")
+    assert near["slices"].startswith(" The table holds 3 federated runs (7 min of simulation)")
     above = render.strategies(_cells(central=0.42, best=0.45, hostile=0.30), record)
     assert "ffa at 0.450 macro-F1, 3.0 points above centralized" in above["sentences"]
     far = render.strategies(_cells(central=0.42, best=0.38, hostile=0.30), record)
