@@ -65,6 +65,13 @@ def _summary_table(summary: dict[str, Any]) -> None:
             else ""
         )
     )
+    from fedhaven.report import NEVER_PREDICTED  # matplotlib: loaded already by the run
+
+    if missing := summary.get(NEVER_PREDICTED):
+        console.print(
+            f"[yellow]warning:[/yellow] the final model never predicts {', '.join(missing)} "
+            "(see report.md)"
+        )
     scores = [m for m in summary.get("metrics", ["accuracy", "macro_f1"]) if m != "loss"]
     table = Table(title="sites")
     for col in ("site", "examples", *(f"val {_NAMES.get(m, m)}" for m in scores), "ε"):

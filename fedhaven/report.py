@@ -27,6 +27,9 @@ REPORT_FILE, PLOTS_DIR = "report.md", "plots"
 #: data can be rebuilt, for ``fedhaven audit``).
 SIMULATION, DEPLOYMENT = "simulation", "deployment"
 PLOTS = ("global.png", "sites.png", "epsilon.png", "confusion.png")
+#: ``summary.json`` key of a classification run: the labels the final model never predicts
+#: on the held-out set (an empty list when it predicts every class).
+NEVER_PREDICTED = "never_predicted"
 
 
 def _read(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -64,6 +67,13 @@ def per_class(confusion: list[list[int]], labels: list[str]) -> list[dict[str, A
          "support": int(s[i])}
         for i, name in enumerate(labels)
     ]  # fmt: skip
+
+
+def never_predicted(confusion: list[list[int]], labels: list[str]) -> list[str]:
+    """The labels whose prediction column (rows: truth) is all zeros, in label order: classes
+    the model never outputs, whether or not the held-out set has examples of them."""
+    predicted = np.asarray(confusion).sum(axis=0)
+    return [name for name, n in zip(labels, predicted, strict=True) if n == 0]
 
 
 #: What runs written before tasks existed (text classification) evaluated.
@@ -186,6 +196,21 @@ def _hostile(summary: dict[str, Any]) -> list[str]:
     ]
 
 
+def _never_predicted(summary: dict[str, Any]) -> list[str]:
+    """A warning that the final model ignores some classes: a collapse its overall accuracy
+    can hide. From the confusion matrix, so runs written before the summary key get it too."""
+    g = summary["global"]
+    missing = never_predicted(g["confusion"], summary["labels"]) if "confusion" in g else []
+    if not missing:
+        return []
+    return [
+        f"> **Warning:** the final model never predicts: {', '.join(missing)} (on the held-out "
+        "set). Such a class is usually rare at the sites or drowned by DP noise: try "
+        "`train.logit-adjustment`, more rounds, or a larger privacy budget (`privacy.epsilon`).",
+        "",
+    ]
+
+
 def _markdown(summary: dict[str, Any], rounds: list[dict[str, Any]], names: dict[str, str]) -> str:
     cfg, g, labels = summary["config"], summary["global"], summary["labels"]
     metrics, scores = _metrics(summary), _scores(summary)
@@ -200,6 +225,7 @@ def _markdown(summary: dict[str, Any], rounds: list[dict[str, Any]], names: dict
         + f". Wall time {summary['wall_s']:.0f} s.",
         "",
         *_hostile(summary),
+        *_never_predicted(summary),
         "## Privacy",
         "",
         (
@@ -267,10 +293,12 @@ def _markdown(summary: dict[str, Any], rounds: list[dict[str, Any]], names: dict
         "",
     ]
     if "confusion" in g:
+        missing = set(never_predicted(g["confusion"], labels))
         lines += ["| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
         for c in per_class(g["confusion"], labels):
+            mark = " **(never predicted)**" if c["label"] in missing else ""
             lines.append(
-                f"| {c['label']} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} "
+                f"| {c['label']}{mark} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} "
                 f"| {c['support']} |"
             )
         lines += ["", "![confusion](plots/confusion.png)", ""]
@@ -302,6 +330,7 @@ def model_card(summary: dict[str, Any]) -> str:
         "# Model card",
         "",
         *_hostile(summary),
+        *_never_predicted(summary),
         "## Model",
         "",
         f"- Base model: `{cfg['model.path']}`; task `{task}`: {what}.",

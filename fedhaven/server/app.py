@@ -48,7 +48,9 @@ from fedhaven.report import (
     ADAPTER_DIR,
     DEPLOYMENT,
     METRICS_FILE,
+    NEVER_PREDICTED,
     SUMMARY_FILE,
+    never_predicted,
     write_report,
 )
 from fedhaven.strategies import STRATEGIES, Validated, central_dp
@@ -598,6 +600,8 @@ def run_server(
         "run_dir": str(out),
         "engine": engine,
     }
+    if "confusion" in summary["global"]:  # classification only: a causal LM has no classes
+        summary[NEVER_PREDICTED] = never_predicted(summary["global"]["confusion"], labels)
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     audit.record(
         auditlog.RUN_FINISHED,

@@ -25,6 +25,7 @@ from transformers import (
 
 from fedhaven.config import from_flat
 from fedhaven.models import adapter_state, build_model
+from fedhaven.report import NEVER_PREDICTED
 from fedhaven.tasks import causal_lm as clm
 from fedhaven.tasks import get_task
 from fedhaven.training import train_round
@@ -109,6 +110,7 @@ def test_one_private_round_at_two_sites(run: dict[str, Any]) -> None:
         assert site["epsilon"] > 0
     for key in ("loss", "perplexity", "exact_match", "token_f1"):
         assert key in summary["global"]
+    assert NEVER_PREDICTED not in summary  # no classes, no class warning
 
 
 def test_the_exported_adapter_was_trained(run: dict[str, Any], tiny_llama: Path) -> None:

@@ -18,6 +18,7 @@ from fedhaven import data as fdata
 from fedhaven.config import Config, from_flat
 from fedhaven.errors import FedhavenError
 from fedhaven.models import adapter_state, build_model, load_trained
+from fedhaven.report import NEVER_PREDICTED
 from fedhaven.tasks import get_task
 from fedhaven.tasks.seq_cls import MeanPoolingClassifier
 from fedhaven.training import evaluate
@@ -63,6 +64,11 @@ def test_summary(run: dict[str, Any]) -> None:
     assert 0 <= summary["global"]["accuracy"] <= 1
     assert 0 <= summary["global"]["macro_f1"] <= 1
     assert len(summary["global"]["per_class_f1"]) == 3
+    # classes the final model never predicts, from its held-out confusion matrix
+    cm = summary["global"]["confusion"]
+    assert summary[NEVER_PREDICTED] == [
+        name for j, name in enumerate(summary["labels"]) if not any(row[j] for row in cm)
+    ]
     assert len(summary["sites"]) == 2
     for site in summary["sites"].values():
         assert site["examples"] > 0

@@ -138,3 +138,30 @@ def test_failed_runs_touch_nothing(cli_env: dict[str, object]) -> None:
         assert path.stat().st_mtime_ns == mtime, path
     assert not any(Path(cli_env["cwd"]).iterdir())  # type: ignore[arg-type]  # no runs/ etc.
     assert not Path(cli_env["out"]).exists()  # type: ignore[arg-type]
+
+
+def _summary(**extra: object) -> dict[str, object]:
+    """The keys of a classification run's summary.json that the end-of-run summary prints."""
+    return {
+        "labels": ["negative", "neutral", "positive"],
+        "metrics": ["loss", "accuracy", "macro_f1"],
+        "global": {"loss": 1.0, "accuracy": 0.6, "macro_f1": 0.4, "per_class_f1": [0.5, 0, 0.7]},
+        "sites": {"17": {"examples": 20, "epsilon": 1.0, "accuracy": 0.5, "macro_f1": 0.3}},
+        "delta": 1e-5, "central_dp": None, "rounds": 2, "wall_s": 3.0,
+        "bytes_per_site_round": 1000, "full_model_bytes": 10**6, "run_dir": "runs/x",
+        **extra,
+    }  # fmt: skip
+
+
+def test_end_of_run_summary_warns_of_classes_never_predicted(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from fedhaven.cli import _summary_table
+    from fedhaven.report import NEVER_PREDICTED
+
+    _summary_table(_summary(**{NEVER_PREDICTED: ["neutral"]}))
+    warned = [line for line in capsys.readouterr().out.splitlines() if "never predicts" in line]
+    assert warned == ["warning: the final model never predicts neutral (see report.md)"]
+    for summary in (_summary(**{NEVER_PREDICTED: []}), _summary()):  # all predicted; no key
+        _summary_table(summary)
+        assert "never predicts" not in capsys.readouterr().out

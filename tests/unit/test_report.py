@@ -11,7 +11,17 @@ import matplotlib.image as mpimg
 import pytest
 
 from fedhaven.errors import FedhavenError
-from fedhaven.report import PLOTS, PLOTS_DIR, REPORT_FILE, per_class, write_report
+from fedhaven.report import (
+    METRICS_FILE,
+    PLOTS,
+    PLOTS_DIR,
+    REPORT_FILE,
+    SUMMARY_FILE,
+    model_card,
+    never_predicted,
+    per_class,
+    write_report,
+)
 
 LABELS = ["negative", "neutral", "positive"]
 CONFUSION = [[3, 1, 0], [2, 2, 1], [0, 0, 5]]  # rows: truth, columns: prediction
@@ -98,6 +108,67 @@ def test_report_of_a_hostile_site_simulation_warns(run_dir: Path) -> None:
     text = write_report(run_dir).read_text()
     assert warning in text and "(partition 2 ×100, partition 10 ×0.5)" in text
     assert text.index(warning) < text.index("## Privacy")
+
+
+#: Nothing is ever predicted neutral (column 1 sums to zero), though 2 rows are neutral.
+NEUTRAL_NEVER_PREDICTED = [[3, 0, 1], [2, 0, 0], [0, 0, 5]]
+NEVER_WARNING = "the final model never predicts: neutral"
+
+
+def test_never_predicted_names_the_classes_with_an_empty_prediction_column() -> None:
+    assert never_predicted(NEUTRAL_NEVER_PREDICTED, LABELS) == ["neutral"]
+    assert never_predicted(CONFUSION, LABELS) == []  # every column has a prediction
+    # in label order; a class absent from the held-out set and never predicted counts too
+    assert never_predicted([[4, 0, 0], [1, 0, 0], [3, 0, 0]], LABELS) == ["neutral", "positive"]
+    assert never_predicted([[2, 0, 1], [0, 0, 0], [1, 0, 3]], LABELS) == ["neutral"]
+
+
+def _set_confusion(run_dir: Path, confusion: list[list[int]]) -> None:
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    summary["global"]["confusion"] = confusion
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary))
+
+
+def _model_card(run_dir: Path) -> str:
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    summary["config"] |= {
+        "model.pooling": "mean", "lora.alpha": 16, "lora.dropout": 0.0,
+        "lora.target-modules": "q,v", "lora.layers": "", "lora.modules-to-save": "classifier",
+        "privacy.max-grad-norm": 1.0,
+    }  # fmt: skip
+    return model_card(summary)
+
+
+def test_report_and_model_card_warn_of_a_class_never_predicted(run_dir: Path) -> None:
+    text = write_report(run_dir).read_text()  # every class predicted: no warning, no mark
+    assert "never predict" not in text and "never predict" not in _model_card(run_dir)
+    _set_confusion(run_dir, NEUTRAL_NEVER_PREDICTED)
+    text = write_report(run_dir).read_text()
+    assert f"> **Warning:** {NEVER_WARNING}" in text
+    assert text.index(NEVER_WARNING) < text.index("## Privacy")  # at the top, seen first
+    assert "| neutral **(never predicted)** | 0.000 | 0.000 | 0.000 | 2 |" in text
+    assert "| negative | " in text and "| positive | " in text  # only neutral is marked
+    card = _model_card(run_dir)
+    assert f"> **Warning:** {NEVER_WARNING}" in card
+    assert card.index(NEVER_WARNING) < card.index("## Model")
+
+
+def test_a_causal_lm_run_has_no_class_warning(run_dir: Path) -> None:
+    lm = {"loss": 1.2, "perplexity": 3.3, "exact_match": 0.1, "token_f1": 0.4}
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    summary |= {"labels": None, "global": lm, "metrics": list(lm)}
+    summary["config"]["model.task"] = "causal-lm"
+    summary["sites"] = {n: {**s, "exact_match": 0.1, "token_f1": 0.4}
+                        for n, s in summary["sites"].items()}  # fmt: skip
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary))
+    rounds = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+    for r in rounds:
+        r["global"] = lm
+        for site in r["sites"].values():
+            site |= {"exact_match": 0.1, "token_f1": 0.4}
+    (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rounds))
+    text = write_report(run_dir).read_text()
+    assert "never predict" not in text and "| class |" not in text
 
 
 def test_a_directory_that_is_not_a_run_is_refused(tmp_path: Path) -> None:
