@@ -79,7 +79,9 @@ def _split(csv: str) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = BUNDLED  # local HF directory, or "bundled" for all-MiniLM-L6-v2
-    max_length: int = 96  # drug reviews run ~100 tokens; 96 keeps the demo under 5 min on 2 cores
+    # Tokens per row; 0 ("from the data", seq-cls): the 90th percentile of the rows' token
+    # counts, rounded up to a multiple of 32, at most 128 (fedhaven.tasks.seq_cls).
+    max_length: int = 0
     # "mean": masked mean of the last hidden states (how sentence encoders such as
     # all-MiniLM-L6-v2 were trained to embed) + a linear head; "cls": the checkpoint's
     # AutoModelForSequenceClassification head (pooler + classifier on [CLS]).
@@ -98,7 +100,12 @@ class ModelConfig:
         _require(
             self.max_new_tokens >= 1, "model.max-new-tokens", self.max_new_tokens, "must be >= 1"
         )
-        _require(self.max_length >= 8, "model.max-length", self.max_length, "use at least 8 tokens")
+        _require(
+            self.max_length == 0 or self.max_length >= 8,
+            "model.max-length",
+            self.max_length,
+            "use at least 8 tokens, or 0 to take it from the data",
+        )
         _require(
             self.pooling in ("mean", "cls"), "model.pooling", self.pooling, "use 'mean' or 'cls'"
         )

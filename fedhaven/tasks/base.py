@@ -8,7 +8,9 @@ on a batch's logits, and evaluation. No Flower here (DESIGN rule 3).
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -23,6 +25,24 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedhaven.config import BUNDLED, Config, LoraConfig
 from fedhaven.errors import FedhavenError
+
+#: ``model.max-length = 0``: pad to the length that covers this share of a data set's rows,
+#: rounded up to a multiple of ``LENGTH_STEP`` and at most ``AUTO_MAX_LENGTH`` tokens. Longer
+#: rows are cut, shorter ones padded: padding costs compute on every step, cutting costs
+#: signal (drug reviews: a linear probe gains 4 macro-F1 points from 96 to 128 tokens).
+#: 128 is the length all-MiniLM-L6-v2 was trained at and what 2 CPU cores can afford in the
+#: demo; with a GPU, set ``model.max-length`` higher.
+LENGTH_QUANTILE, LENGTH_STEP, AUTO_MAX_LENGTH = 0.9, 32, 128
+
+
+def fit_length(token_counts: Sequence[int], max_length: int) -> int:
+    """The padded length of a data set: ``max_length``, or for 0 ("from the data") the
+    ``LENGTH_QUANTILE`` of its rows' token counts rounded up to a multiple of
+    ``LENGTH_STEP`` (8 tokens at least, ``AUTO_MAX_LENGTH`` at most)."""
+    if max_length or not token_counts:
+        return max_length or LENGTH_STEP
+    q = float(np.quantile(np.asarray(token_counts), LENGTH_QUANTILE))
+    return int(min(max(math.ceil(q / LENGTH_STEP) * LENGTH_STEP, 8), AUTO_MAX_LENGTH))
 
 
 class Task(ABC):

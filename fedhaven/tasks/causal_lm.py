@@ -40,7 +40,7 @@ from transformers import (
 from fedhaven import data as fdata
 from fedhaven.config import BUNDLED
 from fedhaven.errors import FedhavenError
-from fedhaven.tasks.base import Task
+from fedhaven.tasks.base import Task, fit_length
 
 log = logging.getLogger(__name__)
 
@@ -298,20 +298,26 @@ class CausalLM(Task):
         return tok([f"{p}\n" for p in prompts])["input_ids"]
 
     def encode(self, ds: Dataset) -> TensorDataset:
-        """``(input_ids, attention_mask, labels)``, right-padded to ``model.max-length``.
+        """``(input_ids, attention_mask, labels)``, right-padded to ``model.max-length`` (0:
+        a length that fits these rows, ``fit_length``).
 
         ``labels`` are the input ids with ``IGNORE`` on the prompt and the padding. Rows too
         long lose the middle of their prompt, never their response (up to all but one token:
         the first answer token is predicted from the last prompt token). Rows without a
         response (prediction) are the prompt alone, all ``IGNORE``.
         """
-        tok, length = self.processor(), self.cfg.model.max_length
+        tok = self.processor()
         prompts = self.prompt_ids(list(ds[PROMPT]))
         if RESPONSE in ds.column_names:
             answers = tok(list(ds[RESPONSE]), add_special_tokens=False)["input_ids"]
-            responses = [[*a, tok.eos_token_id][: length - 1] for a in answers]
+            answers = [[*a, tok.eos_token_id] for a in answers]
         else:
-            responses = [[] for _ in prompts]
+            answers = [[] for _ in prompts]
+        length = fit_length(
+            [len(p) + len(a) for p, a in zip(prompts, answers, strict=True)],
+            self.cfg.model.max_length,
+        )
+        responses = [a[: length - 1] for a in answers]
         ids = torch.full((len(prompts), length), tok.pad_token_id, dtype=torch.long)
         labels = torch.full_like(ids, IGNORE)
         mask = torch.zeros_like(ids)

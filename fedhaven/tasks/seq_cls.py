@@ -23,7 +23,7 @@ from fedhaven import data as fdata
 from fedhaven.data import LABEL
 from fedhaven.errors import FedhavenError
 from fedhaven.hf_mean_pooling import mean_pool
-from fedhaven.tasks.base import ClassificationTask
+from fedhaven.tasks.base import AUTO_MAX_LENGTH, ClassificationTask, fit_length
 
 
 @functools.lru_cache(maxsize=4)
@@ -96,18 +96,27 @@ class SeqCls(ClassificationTask):
         """Fixed-length tensors: ``(input_ids, attention_mask, label)``.
 
         Fixed padding keeps Opacus's Poisson loader simple (empty batches have a known shape).
+        The length is ``model.max-length``, or with 0 one that fits these rows (``fit_length``).
         """
-        enc = self.processor()(
-            list(ds[fdata.TEXT]),
-            truncation=True,
-            max_length=self.cfg.model.max_length,
-            padding="max_length",
-            return_tensors="pt",
+        tok, texts = self.processor(), list(ds[fdata.TEXT])
+        length = self.cfg.model.max_length
+        if not length:
+            counts = tok(texts, truncation=True, max_length=AUTO_MAX_LENGTH)["input_ids"]
+            length = fit_length([len(ids) for ids in counts], 0)
+        enc = tok(
+            texts, truncation=True, max_length=length, padding="max_length", return_tensors="pt"
         )
         labels = ds[LABEL] if LABEL in ds.column_names else [0] * len(ds)
         return TensorDataset(
             enc["input_ids"], enc["attention_mask"], torch.tensor(labels, dtype=torch.long)
         )
+
+    def batches(self, data: TensorDataset, device: torch.device):
+        """Evaluation batches cut after their longest row: the padding beyond it is masked
+        out of attention and pooling alike, so the logits are the same, for less compute."""
+        for inputs, target in super().batches(data, device):
+            used = int(inputs["attention_mask"].sum(1).max().clamp(min=1))
+            yield {k: v[:, :used] for k, v in inputs.items()}, target
 
     def rows(self, ds: Dataset) -> list[Any]:
         return [[t, y] for t, y in zip(ds[fdata.TEXT], ds[LABEL], strict=True)]

@@ -18,6 +18,7 @@ from fedhaven import data as fdata
 from fedhaven.config import DataConfig, from_flat
 from fedhaven.errors import FedhavenError
 from fedhaven.tasks import get_task
+from fedhaven.tasks.base import fit_length
 
 CFG = DataConfig()
 MakeRows = Callable[..., pd.DataFrame]
@@ -254,3 +255,45 @@ def test_bundled_drug_reviews(split: str, rows: int) -> None:
     prepared = fdata.load("bundled", CFG, split=split)
     assert 0 < len(prepared) <= rows
     assert not any("&#039;" in t for t in prepared["text"])
+
+
+@pytest.mark.parametrize(
+    ("counts", "configured", "length"),
+    [
+        ([10] * 19 + [500], 0, 32),  # the 90th percentile (10 tokens) rounds up to 32
+        (list(range(1, 101)), 0, 96),  # 90.1 tokens -> 96
+        ([300] * 10, 0, 128),  # long rows are cut at the cap
+        ([3, 4], 0, 32),
+        ([10] * 10, 48, 48),  # a configured length is kept as it is
+        ([], 0, 32),
+    ],
+)
+def test_fit_length(counts: list[int], configured: int, length: int) -> None:
+    assert fit_length(counts, configured) == length
+
+
+def test_seq_cls_takes_its_length_from_the_data(tiny_model_dir: Path) -> None:
+    words = [" ".join(["good"] * n) for n in (1, 2, 3, 40)]  # 3, 4, 5 and 42 tokens
+    ds = Dataset.from_dict({"text": words, fdata.LABEL: [0, 1, 2, 0]})
+    cfg = from_flat({"model.path": str(tiny_model_dir), "model.max-length": 0})
+    ids, mask, _ = get_task(cfg).encode(ds).tensors
+    assert ids.shape == (4, 32)  # their 90th percentile is 30.9 tokens: the longest is cut
+    assert mask.sum(1).tolist() == [3, 4, 5, 32]
+
+
+def test_seq_cls_evaluation_batches_stop_at_their_longest_row(tiny_model_dir: Path) -> None:
+    import torch.nn.functional as F
+
+    from fedhaven.models import build_model
+
+    ds = Dataset.from_dict({"text": ["good", "bad film", "good good good"], fdata.LABEL: [0, 1, 2]})
+    cfg = from_flat({"model.path": str(tiny_model_dir), "model.max-length": 16})
+    task, model = get_task(cfg), build_model(cfg).eval()
+    data = task.encode(ds)
+    ((inputs, _),) = task.batches(data, torch.device("cpu"))
+    assert inputs["input_ids"].shape == (3, 5)  # [CLS] good good good [SEP]
+    with torch.no_grad():
+        full = model(input_ids=data.tensors[0], attention_mask=data.tensors[1]).logits
+        cut = model(**inputs).logits
+    assert torch.allclose(full, cut, atol=1e-5)
+    assert not torch.allclose(F.softmax(full, -1)[0], F.softmax(full, -1)[2])
