@@ -78,7 +78,7 @@ class Run:
 _own_root: Path | None = None
 
 
-def _runs_root() -> Path:
+def runs_root() -> Path:
     global _own_root
     folder = os.environ.get(RUNS_ENV)
     if folder:
@@ -96,7 +96,7 @@ def simulate(label: str, args: Sequence[str]) -> Run:
     """
     args = list(args)
     key = hashlib.sha256(json.dumps(args).encode()).hexdigest()[:16]
-    out = _runs_root() / key
+    out = runs_root() / key
     meta = out / RUN_META
     from fedhaven.report import SUMMARY_FILE
 

@@ -544,6 +544,18 @@ def timing(r: Results, record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def sets(r: Results, record: dict[str, Any]) -> dict[str, Any]:
+    d = r["sets"]
+    goals = d["goals"]
+    met_count = sum(g["met"] for g in goals)
+    return {
+        "table": d["table"],
+        "goal_sentences": "\n- ".join(d["notes"]) or "no cell that a goal judges was measured",
+        "goal_count": f"{met_count} of {len(goals)} goals met",
+        "measured": separately("sets", record),
+    }
+
+
 SECTIONS: dict[str, tuple[Callable[[Results, dict[str, Any]], dict[str, Any]], tuple[str, ...]]]
 SECTIONS = {
     "header": (header, ()),
@@ -556,6 +568,7 @@ SECTIONS = {
     "scale": (scale, ("scale",)),
     "presets": (presets, ("presets",)),
     "strategies": (strategies, ("strategies",)),
+    "sets": (sets, ("sets",)),
     "gpu": (gpu, ("gpu",)),
     "timing": (timing, ()),
 }

@@ -79,6 +79,7 @@ FULL = [
     Bench("gpu", ["--", "--steps", "10"]),
     Bench("presets", separate=True),
     Bench("strategies", STRATEGIES_SLICE, separate=True),
+    Bench("sets", separate=True),
 ]
 #: Shared by every simulate run of a quick suite (so that they are shared between scripts).
 TINY = ["--rounds", "2", "--set", "model.max-length=16"]

@@ -1,0 +1,55 @@
+"""bench/sets.py's bookkeeping: DP seeds collapse to medians, each goal compares with
+centralized training without DP, and the DP goal skips sets under 2,000 rows (synthetic
+cells, no runs)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import sets
+
+
+def _cell(name: str, how: str, privacy: str, partition: str, seed: int, f1: float,
+          rows: int = 2400) -> dict[str, Any]:  # fmt: skip
+    return {"set": name, "how": how, "privacy": privacy, "partition": partition, "seed": seed,
+            "macro_f1": f1, "accuracy": f1 + 0.1, "train_rows": rows}  # fmt: skip
+
+
+def test_dp_seeds_collapse_to_their_median() -> None:
+    cells = [_cell("sms", "federated", "8", "iid", s, f1) for s, f1 in enumerate([0.7, 0.9, 0.8])]
+    med = sets.medians(cells)
+    m = med["sms", "federated", "8", "iid"]
+    assert (m["runs"], m["macro_f1"]) == (3, 0.8)
+    assert m["accuracy"] == pytest.approx(0.9)
+
+
+def test_goals_compare_with_centralized_without_dp() -> None:
+    cells = [
+        _cell("sms", "centralized", "off", "pooled", 0, 0.90),
+        _cell("sms", "centralized", "8", "pooled", 0, 0.50),  # not what the goals compare with
+        _cell("sms", "federated", "off", "iid", 0, 0.895),  # -0.5 points: within 1
+        _cell("sms", "federated", "off", "dirichlet:0.5", 0, 0.87),  # -3 points: not within 2
+        _cell("sms", "federated", "8", "dirichlet:0.5", 0, 0.88),  # -2 points: within 3
+        _cell("sms", "federated", "8", "iid", 0, 0.10),  # no goal at IID under DP
+    ]
+    goals = {(g["privacy"], g["partition"]): g for g in sets.goal_rows(sets.medians(cells))}
+    assert set(goals) == {("off", "iid"), ("off", "dirichlet:0.5"), ("8", "dirichlet:0.5")}
+    assert goals["off", "iid"]["gap"] == pytest.approx(-0.5) and goals["off", "iid"]["met"]
+    assert goals["off", "dirichlet:0.5"]["gap"] == pytest.approx(-3.0)
+    assert not goals["off", "dirichlet:0.5"]["met"]
+    assert goals["8", "dirichlet:0.5"]["met"]
+
+
+def test_the_dp_goal_skips_small_sets() -> None:
+    cells = [
+        _cell("drug", "centralized", "off", "pooled", 0, 0.5, rows=600),
+        _cell("drug", "federated", "8", "dirichlet:0.5", 0, 0.3, rows=600),
+        _cell("drug", "federated", "off", "dirichlet:0.5", 0, 0.3, rows=600),
+    ]
+    goals = sets.goal_rows(sets.medians(cells))
+    assert [(g["privacy"], g["met"]) for g in goals] == [("off", False)]
