@@ -160,6 +160,20 @@ class LoraConfig:
     def layer_indices(self) -> list[int] | None:
         return [int(i) for i in _split(self.layers)] or None
 
+    def layers_of(self, num_layers: int) -> list[int] | None:
+        """The adapted layers of a model with ``num_layers`` layers, sorted, from 0 (``None``:
+        every layer); an error for an index the model does not have."""
+        indices = self.layer_indices
+        if indices is None:
+            return None
+        bad = [i for i in indices if not -num_layers <= i < num_layers]
+        if bad:
+            raise FedhavenError(
+                f"config 'lora.layers' = {self.layers!r}: the model has {num_layers} layers "
+                f"(indices 0..{num_layers - 1}, or -1 for the last), not {bad[0]}"
+            )
+        return sorted({i % num_layers for i in indices})
+
 
 @dataclass(frozen=True)
 class TrainConfig:

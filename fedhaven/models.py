@@ -18,7 +18,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from torch import nn
 
-from fedhaven.config import Config, LoraConfig, from_flat
+from fedhaven.config import Config, from_flat
 from fedhaven.errors import FedhavenError
 from fedhaven.hf_mean_pooling import MeanPoolingForSequenceClassification
 from fedhaven.tasks import get_task
@@ -42,20 +42,6 @@ def build_base(cfg: Config) -> nn.Module:
     return get_task(cfg).build_base()
 
 
-def _layer_indices(lora: LoraConfig, base: nn.Module) -> list[int] | None:
-    indices = lora.layer_indices
-    if indices is None:
-        return None
-    n = base.config.num_hidden_layers
-    bad = [i for i in indices if not -n <= i < n]
-    if bad:
-        raise FedhavenError(
-            f"config 'lora.layers' = {lora.layers!r}: the model has {n} layers "
-            f"(indices 0..{n - 1}, or -1 for the last), not {bad[0]}"
-        )
-    return sorted({i % n for i in indices})
-
-
 @functools.lru_cache(maxsize=2)
 def _cached_peft_model(cfg: Config, device: str) -> PeftModel:
     # Loaded once per process (a Ray actor, a site process): rounds deep-copy this.
@@ -71,7 +57,7 @@ def _cached_peft_model(cfg: Config, device: str) -> PeftModel:
         lora_dropout=lora.dropout,
         target_modules=lora.targets,
         modules_to_save=lora.saved_modules or None,
-        layers_to_transform=_layer_indices(lora, base),
+        layers_to_transform=lora.layers_of(base.config.num_hidden_layers),
     )
     torch.manual_seed(cfg.train.seed)
     try:

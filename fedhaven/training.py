@@ -196,6 +196,7 @@ def train_round(
     else:
         forward = model
 
+    names = task.input_names(data)
     model.train()
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     losses: list[float] = []
@@ -213,9 +214,7 @@ def train_round(
                     break
                 continue
             optimizer.zero_grad(set_to_none=True)
-            logits = forward(
-                **{k: v.to(device) for k, v in zip(task.inputs, inputs, strict=True)}
-            ).logits
+            logits = forward(**{k: v.to(device) for k, v in zip(names, inputs, strict=True)}).logits
             # adjust: train only, predictions use the raw logits
             loss = task.loss(logits, target.to(device), adjust)
             loss.backward()

@@ -24,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from datasets import Dataset
 from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
@@ -116,7 +117,7 @@ def with_site_rank(cfg: Config, node: Mapping[str, Any]) -> Config:
 
 
 @functools.lru_cache(maxsize=8)
-def _site_data(cfg: Config, node_key: tuple[Any, ...]) -> tuple[TensorDataset, TensorDataset, int]:
+def _site_rows(cfg: Config, node_key: tuple[Any, ...]) -> tuple[Dataset, Dataset, int]:
     # Cached per process: a Ray actor serves many rounds of the same sites.
     kind, value, num = node_key
     task = get_task(cfg)
@@ -126,11 +127,14 @@ def _site_data(cfg: Config, node_key: tuple[Any, ...]) -> tuple[TensorDataset, T
     else:
         full = task.load(cfg.data.path)
         train, val = fdata.simulated_sites(full, cfg.data, num, cfg.train.seed)[value]
-    return (
-        task.encode(train),
-        task.encode(val),
-        fdata.fingerprint([*task.rows(train), *task.rows(val)]),
-    )
+    return train, val, fdata.fingerprint([*task.rows(train), *task.rows(val)])
+
+
+@functools.lru_cache(maxsize=16)
+def _encoded(cfg: Config, node_key: tuple[Any, ...], split: int) -> TensorDataset:
+    # Each split on first use: encoding can run most of the model (seq-cls's frozen prefix),
+    # and a deployed site starts a process per message, whose evaluation needs only val.
+    return get_task(cfg).encode(_site_rows(cfg, node_key)[split])
 
 
 def _node_key(node: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -139,15 +143,30 @@ def _node_key(node: Mapping[str, Any]) -> tuple[Any, ...]:
     return (PARTITION_ID, int(node[PARTITION_ID]), int(node[NUM_PARTITIONS]))
 
 
+def site_train(cfg: Config, node: Mapping[str, Any]) -> TensorDataset:
+    """The site's training rows, encoded for the task's model."""
+    return _encoded(cfg, _node_key(node), 0)
+
+
+def site_val(cfg: Config, node: Mapping[str, Any]) -> TensorDataset:
+    """The site's validation rows, encoded for the task's model."""
+    return _encoded(cfg, _node_key(node), 1)
+
+
 def site_data(cfg: Config, node: Mapping[str, Any]) -> tuple[TensorDataset, TensorDataset]:
     """The site's (train, validation) rows, encoded for the task's model."""
-    train, val, _ = _site_data(cfg, _node_key(node))
-    return train, val
+    return site_train(cfg, node), site_val(cfg, node)
+
+
+def site_rows(cfg: Config, node: Mapping[str, Any]) -> int:
+    """How many rows the site has (training and validation)."""
+    train, val, _ = _site_rows(cfg, _node_key(node))
+    return len(train) + len(val)
 
 
 def site_fingerprint(cfg: Config, node: Mapping[str, Any]) -> int:
     """48 bits of a hash of the site's rows (see :func:`fedhaven.data.fingerprint`)."""
-    return _site_data(cfg, _node_key(node))[2]
+    return _site_rows(cfg, _node_key(node))[2]
 
 
 def site_audit_log(node: Mapping[str, Any]) -> AuditLog | None:
@@ -202,7 +221,7 @@ def handle_train(
 ) -> Message:
     node = node_settings(context, sites)
     cfg = with_site_rank(site_config(context, overrides), node)
-    train, val = site_data(cfg, node)
+    train = site_train(cfg, node)
     model = _global_model(cfg, msg)
     state = context.state.get(PRIVACY_STATE) or ConfigRecord()
     config = msg.content[protocol.CONFIG]
@@ -269,7 +288,7 @@ def handle_train(
         protocol.TRAIN_LOSS: result.loss,
         protocol.STEPS: result.steps,
         protocol.SITE_WEIGHT: 1.0,
-        protocol.DATA_ROWS: len(train) + len(val),
+        protocol.DATA_ROWS: site_rows(cfg, node),
         protocol.DATA_FINGERPRINT: site_fingerprint(cfg, node),
     }
     if result.epsilon is not None:
@@ -298,8 +317,7 @@ def handle_evaluate(
 ) -> Message:
     node = node_settings(context, sites)
     cfg = with_site_rank(site_config(context, overrides), node)
-    _, val = site_data(cfg, node)
-    ev = evaluate(_global_model(cfg, msg), val, cfg)
+    ev = evaluate(_global_model(cfg, msg), site_val(cfg, node), cfg)
     metrics: dict[str, float] = {protocol.NUM_EXAMPLES: ev["num_examples"]}
     if ev["num_examples"]:
         metrics |= {protocol.METRIC_KEYS[k]: ev[k] for k in get_task(cfg).metrics}

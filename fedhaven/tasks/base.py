@@ -50,7 +50,7 @@ class Task(ABC):
 
     name: ClassVar[str]
     #: Keyword names of the model inputs, in the order ``encode`` stacks the tensors (the
-    #: target comes last).
+    #: target comes last); per data set, :meth:`input_names`.
     inputs: ClassVar[tuple[str, ...]]
     #: A fixed label set (``data.labels``): label prior and per-class metrics apply.
     classification: ClassVar[bool] = True
@@ -142,11 +142,17 @@ class Task(ABC):
     def save_processor(self, directory: Path) -> None:
         self.processor().save_pretrained(directory)
 
+    def input_names(self, data: TensorDataset) -> tuple[str, ...]:
+        """The keyword names of ``data``'s model inputs: ``inputs``, unless this task's
+        ``encode`` has more than one form."""
+        return self.inputs
+
     def batches(self, data: TensorDataset, device: torch.device):
         """(model keyword inputs, target) per evaluation batch, on ``device``."""
+        names = self.input_names(data)
         for batch in DataLoader(data, batch_size=self.cfg.train.eval_batch_size):
             *inputs, target = (t.to(device) for t in batch)
-            yield dict(zip(self.inputs, inputs, strict=True)), target
+            yield dict(zip(names, inputs, strict=True)), target
 
 
 class ClassificationTask(Task):

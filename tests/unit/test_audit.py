@@ -17,7 +17,7 @@ import pytest
 
 from fedhaven import data as fdata
 from fedhaven.audit import attack_auc, audit, label_matched
-from fedhaven.client.app import PARTITION_ID, _site_data
+from fedhaven.client.app import NUM_PARTITIONS, PARTITION_ID, site_train
 from fedhaven.config import from_flat
 from fedhaven.tasks import get_task
 
@@ -84,7 +84,7 @@ def test_members_are_the_rows_the_client_app_trained_on(run: Path) -> None:
     full = task.load(cfg.data.path)
     train, _ = fdata.simulated_sites(full, cfg.data, cfg.federation.sites, cfg.train.seed)[1]
     tokenized = task.encode(train)
-    client_train, _, _ = _site_data(cfg, (PARTITION_ID, 1, cfg.federation.sites))
+    client_train = site_train(cfg, {PARTITION_ID: 1, NUM_PARTITIONS: cfg.federation.sites})
     for ours, theirs in zip(tokenized.tensors, client_train.tensors, strict=True):
         assert ours.equal(theirs)
 

@@ -237,8 +237,8 @@ def test_seq_cls_encodes_fixed_length_tensors(tiny_model_dir: Path) -> None:
     assert isinstance(out, TensorDataset)
     assert len(out.tensors) == 3
     assert len(out) == 5
-    ids, mask, labels = out.tensors
-    assert ids.shape == mask.shape == (5, 16)
+    first, mask, labels = out.tensors  # token ids, or the frozen prefix's states
+    assert first.shape[:2] == mask.shape == (5, 16)
     assert labels.dtype == torch.long
     assert labels.tolist() == ds[fdata.LABEL]
 
@@ -276,24 +276,31 @@ def test_seq_cls_takes_its_length_from_the_data(tiny_model_dir: Path) -> None:
     words = [" ".join(["good"] * n) for n in (1, 2, 3, 40)]  # 3, 4, 5 and 42 tokens
     ds = Dataset.from_dict({"text": words, fdata.LABEL: [0, 1, 2, 0]})
     cfg = from_flat({"model.path": str(tiny_model_dir), "model.max-length": 0})
-    ids, mask, _ = get_task(cfg).encode(ds).tensors
-    assert ids.shape == (4, 32)  # their 90th percentile is 30.9 tokens: the longest is cut
+    mask = get_task(cfg).encode(ds).tensors[1]
+    assert mask.shape == (4, 32)  # their 90th percentile is 30.9 tokens: the longest is cut
     assert mask.sum(1).tolist() == [3, 4, 5, 32]
 
 
-def test_seq_cls_evaluation_batches_stop_at_their_longest_row(tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize(
+    ("layers", "first"), [("-1", "hidden_states"), ("", "input_ids")]
+)  # a cached frozen prefix (layer 0), or LoRA on every layer and token ids
+def test_seq_cls_evaluation_batches_stop_at_their_longest_row(
+    tiny_model_dir: Path, layers: str, first: str
+) -> None:
     import torch.nn.functional as F
 
     from fedhaven.models import build_model
 
     ds = Dataset.from_dict({"text": ["good", "bad film", "good good good"], fdata.LABEL: [0, 1, 2]})
-    cfg = from_flat({"model.path": str(tiny_model_dir), "model.max-length": 16})
+    flat = {"model.path": str(tiny_model_dir), "model.max-length": 16, "lora.layers": layers}
+    cfg = from_flat(flat)
     task, model = get_task(cfg), build_model(cfg).eval()
     data = task.encode(ds)
     ((inputs, _),) = task.batches(data, torch.device("cpu"))
-    assert inputs["input_ids"].shape == (3, 5)  # [CLS] good good good [SEP]
+    assert list(inputs) == [first, "attention_mask"]
+    assert inputs[first].shape[:2] == (3, 5)  # [CLS] good good good [SEP]
     with torch.no_grad():
-        full = model(input_ids=data.tensors[0], attention_mask=data.tensors[1]).logits
+        full = model(**{first: data.tensors[0], "attention_mask": data.tensors[1]}).logits
         cut = model(**inputs).logits
     assert torch.allclose(full, cut, atol=1e-5)
     assert not torch.allclose(F.softmax(full, -1)[0], F.softmax(full, -1)[2])

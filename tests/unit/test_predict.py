@@ -15,7 +15,7 @@ from fedhaven import predict as fpredict
 from fedhaven.config import Config
 from fedhaven.errors import FedhavenError
 from fedhaven.models import build_model, load_trained, save_trained
-from fedhaven.tasks import get_task
+from fedhaven.tasks import get_task, seq_cls
 
 LABELS = ["negative", "neutral", "positive"]
 
@@ -41,11 +41,12 @@ def unlabeled(tmp_path: Path, make_rows) -> Path:
 
 
 def test_predictions_are_the_models_argmax_and_softmax(
-    adapter_dir: Path, unlabeled: Path, tiny_cfg: Config
+    adapter_dir: Path, unlabeled: Path, tiny_cfg: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    rows = fpredict.predict(adapter_dir, unlabeled)
+    rows = fpredict.predict(adapter_dir, unlabeled)  # on the cached frozen prefix
     assert len(rows) == 7
     task = get_task(tiny_cfg)
+    monkeypatch.setattr(seq_cls, "PREFIX_CACHE_MAX_BYTES", 0)  # token ids: the whole model
     ids, mask, _ = task.encode(task.load(str(unlabeled), labeled=False)).tensors
     with torch.no_grad():
         probs = load_trained(adapter_dir)(input_ids=ids, attention_mask=mask).logits.softmax(-1)

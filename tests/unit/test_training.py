@@ -209,13 +209,14 @@ def test_evaluate_matches_sklearn(tiny_cfg: Config, test_data: TensorDataset) ->
         model, {k: torch.randn(v.shape, generator=gen) for k, v in adapter_state(model).items()}
     )
     model.train()
-    ids, mask, labels = test_data.tensors
+    *inputs, labels = test_data.tensors
     got = evaluate(model, test_data, tiny_cfg)
     assert model.training  # restored
 
     model.eval()
+    names = get_task(tiny_cfg).input_names(test_data)
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        logits = model(**dict(zip(names, inputs, strict=True))).logits
     preds = logits.argmax(-1).numpy()
     y = labels.numpy()
     assert got["num_examples"] == len(y)
