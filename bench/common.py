@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,24 @@ def report(name: str, table: str, notes: Sequence[str] = (), **data: Any) -> Non
     if folder:
         payload = {"name": name, "table": table, "notes": list(notes), **data}
         Path(folder, f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
+
+
+def earlier_cells(name: str) -> list[dict[str, Any]]:
+    """The cells an earlier invocation of benchmark ``name`` wrote under the suite (none when
+    run alone): a separate benchmark measured in slices accumulates them."""
+    folder = os.environ.get(RESULTS_ENV)
+    path = Path(folder, f"{name}.json") if folder else None
+    return json.loads(path.read_text())["cells"] if path and path.is_file() else []
+
+
+def merge_cells(
+    old: Iterable[dict[str, Any]], new: Iterable[dict[str, Any]], key: Sequence[str]
+) -> list[dict[str, Any]]:
+    """``old`` with every cell ``new`` measures again (same values at ``key``) replaced, then
+    the new cells."""
+    new = list(new)
+    keys = {tuple(c.get(k) for k in key) for c in new}
+    return [c for c in old if tuple(c.get(k) for k in key) not in keys] + new
 
 
 # --- simulate runs ---------------------------------------------------------------------------

@@ -25,13 +25,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
-from common import PRESET, RESULTS_ENV, Run, centralized, md_table, report, simulate
+from common import (
+    PRESET,
+    Run,
+    centralized,
+    earlier_cells,
+    md_table,
+    merge_cells,
+    report,
+    simulate,
+)
 
 from fedhaven.config import STRATEGIES
 from fedhaven.report import METRICS_FILE
@@ -65,18 +72,9 @@ def cell(run: Run) -> dict[str, Any]:
     }
 
 
-def earlier_cells() -> list[dict[str, Any]]:
-    """The cells of earlier invocations under the suite (none when run alone)."""
-    folder = os.environ.get(RESULTS_ENV)
-    path = Path(folder, f"{NAME}.json") if folder else None
-    return json.loads(path.read_text())["cells"] if path and path.is_file() else []
-
-
 def merge(old: Iterable[dict[str, Any]], new: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """``old`` with every cell ``new`` measures again replaced, then the new cells."""
-    new = list(new)
-    keys = {tuple(c.get(k) for k in KEY) for c in new}
-    return [c for c in old if tuple(c.get(k) for k in KEY) not in keys] + new
+    return merge_cells(old, new, KEY)
 
 
 def medians(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -167,7 +165,7 @@ def main() -> None:
                     base | {"rule": "centralized", "partition": "pooled"}
                     | {m: central.get(m) for m in METRICS}
                 )  # fmt: skip
-    everything = merge(earlier_cells(), cells)
+    everything = merge(earlier_cells(NAME), cells)
     rows = medians(everything)
     hostile = table(rows, hostile=True) if any(r["hostile"] for r in rows) else ""
     report(NAME, table(rows, hostile=False), cells=everything, rows=rows, hostile_table=hostile)

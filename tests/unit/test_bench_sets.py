@@ -53,3 +53,21 @@ def test_the_dp_goal_skips_small_sets() -> None:
     ]
     goals = sets.goal_rows(sets.medians(cells))
     assert [(g["privacy"], g["met"]) for g in goals] == [("off", False)]
+
+
+def test_a_slice_keeps_the_cells_of_other_sets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from common import RESULTS_ENV
+
+    earlier = [
+        _cell("sms", "federated", "8", "iid", 0, 0.5),
+        _cell("drug", "federated", "8", "iid", 0, 0.3),
+    ]
+    (tmp_path / f"{sets.NAME}.json").write_text(json.dumps({"cells": earlier}))
+    monkeypatch.setenv(RESULTS_ENV, str(tmp_path))
+    again = [_cell("sms", "federated", "8", "iid", 0, 0.9)]
+    merged = sets.merge_cells(sets.earlier_cells(sets.NAME), again, sets.KEY)
+    assert [(c["set"], c["macro_f1"]) for c in merged] == [("drug", 0.3), ("sms", 0.9)]
