@@ -57,7 +57,8 @@ def _cached_peft_model(cfg: Config, device: str) -> PeftModel:
         lora_dropout=lora.dropout,
         target_modules=lora.targets,
         modules_to_save=lora.saved_modules or None,
-        layers_to_transform=lora.layers_of(base.config.num_hidden_layers),
+        # a model without numbered layers (a ResNet) has 0: lora.layers must then be ""
+        layers_to_transform=lora.layers_of(getattr(base.config, "num_hidden_layers", 0)),
     )
     torch.manual_seed(cfg.train.seed)
     try:

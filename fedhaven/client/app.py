@@ -116,7 +116,13 @@ def with_site_rank(cfg: Config, node: Mapping[str, Any]) -> Config:
     return replace(cfg, lora=replace(lora, r=rank, alpha=alpha))
 
 
-@functools.lru_cache(maxsize=8)
+#: Sites one process keeps: a simulation's actor serves every site in turn, and a cache
+#: smaller than its sites would miss on every round (LRU under cyclic access), so that the
+#: frozen prefix would be computed again each round for every site.
+SITES_CACHED = 128
+
+
+@functools.lru_cache(maxsize=SITES_CACHED)
 def _site_rows(cfg: Config, node_key: tuple[Any, ...]) -> tuple[Dataset, Dataset, int]:
     # Cached per process: a Ray actor serves many rounds of the same sites.
     kind, value, num = node_key
@@ -130,7 +136,7 @@ def _site_rows(cfg: Config, node_key: tuple[Any, ...]) -> tuple[Dataset, Dataset
     return train, val, fdata.fingerprint([*task.rows(train), *task.rows(val)])
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=2 * SITES_CACHED)
 def _encoded(cfg: Config, node_key: tuple[Any, ...], split: int) -> TensorDataset:
     # Each split on first use: encoding can run most of the model (seq-cls's frozen prefix),
     # and a deployed site starts a process per message, whose evaluation needs only val.
