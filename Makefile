@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile  # a new package on the install lines reinstalls too
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# The CPU build of torch first, so nothing below pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q "torch==2.13.0"
