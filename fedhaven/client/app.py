@@ -164,7 +164,7 @@ def site_data(cfg: Config, node: Mapping[str, Any]) -> tuple[TensorDataset, Tens
     return site_train(cfg, node), site_val(cfg, node)
 
 
-def site_rows(cfg: Config, node: Mapping[str, Any]) -> int:
+def site_row_count(cfg: Config, node: Mapping[str, Any]) -> int:
     """How many rows the site has (training and validation)."""
     train, val, _ = _site_rows(cfg, _node_key(node))
     return len(train) + len(val)
@@ -294,7 +294,7 @@ def handle_train(
         protocol.TRAIN_LOSS: result.loss,
         protocol.STEPS: result.steps,
         protocol.SITE_WEIGHT: 1.0,
-        protocol.DATA_ROWS: site_rows(cfg, node),
+        protocol.DATA_ROWS: site_row_count(cfg, node),
         protocol.DATA_FINGERPRINT: site_fingerprint(cfg, node),
     }
     if result.epsilon is not None:
