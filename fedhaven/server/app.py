@@ -19,14 +19,12 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from importlib.metadata import version
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord
@@ -37,6 +35,7 @@ from fedhaven import auditlog, protocol
 from fedhaven.auditlog import AuditLog
 from fedhaven.config import RESUME_MAY_CHANGE, Config, from_flat
 from fedhaven.errors import FedhavenError
+from fedhaven.fileio import write_atomic
 from fedhaven.models import (
     adapter_state,
     build_model,
@@ -173,32 +172,6 @@ CHECKPOINT_DIR = "checkpoint"
 MANIFEST = "manifest.json"
 CHECKPOINT_FORMAT = 1
 _ARRAY = "__ndarray__"  # marks a reference to an array of the checkpoint's .npz in the JSON
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # not every platform opens directories
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` so that it is either the old file or the complete new one, never a
-    part: a temporary file in the same directory, fsync'ed, then renamed over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _pack(obj: Any, arrays: dict[str, np.ndarray]) -> Any:

@@ -103,7 +103,7 @@ def test_a_failed_manifest_write_leaves_the_previous_checkpoint_loadable(
             raise OSError("disk full")
         real(src, dst)
 
-    monkeypatch.setattr(server.os, "replace", crash_on_manifest)
+    monkeypatch.setattr(os, "replace", crash_on_manifest)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(tmp_path, _state(2, {"w": np.full(4, 9.0, np.float32)}))
     monkeypatch.undo()
