@@ -400,6 +400,13 @@ def site_cmd(
     insecure: Annotated[
         bool, typer.Option("--insecure", help="no TLS, no node authentication: tests only")
     ] = False,
+    cold_start: Annotated[
+        bool,
+        typer.Option(
+            "--cold-start",
+            help="start every message's ClientApp process from scratch (no warm start)",
+        ),
+    ] = False,
 ) -> None:
     """Run this site's Flower SuperNode with fedhaven's ClientApp until Ctrl-C."""
     from fedhaven.deploy.site import serve
@@ -416,6 +423,7 @@ def site_cmd(
         port=port,
         max_wait_s=max_wait,
         insecure=insecure,
+        warm_start=not cold_start,
     )
 
 

@@ -10,10 +10,15 @@ up after a bounded wait when the coordinator cannot be reached.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import socket
 import ssl
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -21,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedhaven.config import DATA_PATH, DELTA, EPSILON_BUDGET, LORA_RANK, STATE_DIR
+from fedhaven.deploy import warm
 from fedhaven.deploy.certs import (
     CA_CERT,
     PUBLIC_KEY_SUFFIX,
@@ -253,6 +259,24 @@ def explain_exit(
     return f"flower-supernode {ended}" + (f": {lines[-1]}" if lines else "")
 
 
+@contextlib.contextmanager
+def _warm_start(env: dict[str, str]) -> Iterator[dict[str, str]]:
+    """The warm process, running while the site does; yields the SuperNode's environment,
+    whose PATH starts with the launcher that hands each message to it."""
+    real = executable("flwr-clientapp")
+    # A private directory with a short path: a Unix socket's path is limited to ~100 bytes.
+    with tempfile.TemporaryDirectory(prefix="fedhaven-site-") as tmp:
+        sock = Path(tmp) / warm.SOCKET_NAME
+        warm.install_launcher(Path(tmp), sock, real)
+        process = FlowerProcess(
+            "warm start", [sys.executable, "-m", "fedhaven.deploy.warm", str(sock)], env
+        )
+        try:
+            yield {**env, "PATH": tmp + os.pathsep + env["PATH"]}
+        finally:
+            process.stop()
+
+
 def serve(
     *,
     coordinator: str,
@@ -267,8 +291,13 @@ def serve(
     port: int = DEFAULT_PORT,
     max_wait_s: float = MAX_WAIT_S,
     insecure: bool = False,
+    warm_start: bool = True,
 ) -> None:
-    """Run the site's SuperNode in the foreground until Ctrl-C or SIGTERM."""
+    """Run the site's SuperNode in the foreground until Ctrl-C or SIGTERM.
+
+    With ``warm_start`` the site keeps one process with the ClientApp's imports done and
+    forks it for each message (:mod:`fedhaven.deploy.warm`).
+    """
     parse_coordinator(coordinator)
     if insecure:
         warn(INSECURE_WARNING)
@@ -315,14 +344,17 @@ def serve(
         executable=supernode,
     )
     deadline = time.monotonic() + max_wait_s
-    with interrupt_on_signals():
+    env = flower_env(flwr_home)
+    with interrupt_on_signals(), contextlib.ExitStack() as stack:
+        if warm_start:
+            env = stack.enter_context(_warm_start(env))
         while True:
             node = None
             try:
                 node = FlowerProcess(
                     "flower-supernode",
                     command,
-                    flower_env(flwr_home),
+                    env,
                     watch=(CONNECTED,),
                     fatal=(GAVE_UP,),
                 )

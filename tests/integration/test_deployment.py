@@ -6,6 +6,7 @@ at the end, and what they started must be gone with them."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ import psutil
 import pytest
 from deploy_helpers import Processes, free_port, make_pki, offline_env, tiny_run_config
 
+from fedhaven.deploy import warm
 from fedhaven.deploy.certs import site_keys
 from fedhaven.privacy import LEDGER_FILE
 from fedhaven.report import DEPLOYMENT, SUMMARY_FILE
@@ -44,12 +46,14 @@ def deployment(
         out["coordinator_ready_s"] = time.monotonic() - t0
         out["run_line"] = run_line
         procs.start_site("site-a", address, "--epsilon-budget", "100", "--delta", "1e-5")
-        procs.start_site("site-b", address)
+        procs.start_site("site-b", address, "--cold-start")
         # refused at every try: it gives up after its --max-wait (tries every 10 s)
         procs.start_site(
             "intruder", address, "--max-wait", "15", key_dir="other-keys", data="site-a.csv"
         )
 
+        # site-a's messages run in forks of its warm process once it is up (before, cold)
+        procs.wait_for("site-a", warm.READY, 120)
         t1 = time.monotonic()
         run = procs.flwr_run(
             run_line, tiny_run_config(tmp, tiny_model_dir, **{"federation.rounds": 1})
@@ -62,6 +66,7 @@ def deployment(
         except subprocess.TimeoutExpired:
             out["intruder_code"] = None
         out["intruder_log"] = procs.log("intruder")
+        out["site_logs"] = {name: procs.log(name) for name in ("site-a", "site-b")}
 
         trees = {name: procs.tree(name) for name in ("site-a", "site-b", "coordinator")}
         out["stop_codes"] = {name: procs.terminate(name) for name in ("site-a", "site-b")}
@@ -94,6 +99,17 @@ def test_each_site_ledger_has_one_round(deployment: dict[str, Any]) -> None:
         entries = [json.loads(line) for line in ledger.read_text().splitlines() if line]
         assert len(entries) == 1
         assert (tmp / f"state-{name}").stat().st_mode & 0o077 == 0  # created 0700
+
+
+def test_warm_site_ran_its_messages_in_forks_and_the_cold_one_did_not(
+    deployment: dict[str, Any],
+) -> None:
+    warm_log, cold_log = deployment["site_logs"]["site-a"], deployment["site_logs"]["site-b"]
+    server = re.search(rf"{warm.READY} \(pid (\d+)\)", warm_log)
+    assert server is not None, warm_log[-3000:]
+    forks = re.findall(rf"{warm.FORKED} (\d+)", warm_log)
+    assert forks, warm_log[-3000:]  # at least the training message
+    assert warm.READY not in cold_log and warm.FORKED not in cold_log
 
 
 def test_coordinator_printed_a_run_line_for_its_sites(deployment: dict[str, Any]) -> None:

@@ -1,0 +1,61 @@
+"""The ``flwr-clientapp`` a warm site's SuperExec starts: asks the warm process for a fork.
+
+Run by path with ``python -I -S`` (see :mod:`fedhaven.deploy.warm`), so it imports the
+standard library only and starts in milliseconds. It hands its arguments, environment and
+standard streams to the warm process, which forks and runs Flower's own ``flwr-clientapp``
+with them; it forwards SIGTERM / SIGINT to that fork and exits with its exit status, as the
+process the SuperExec started would. Without a warm process (not up yet, or gone) it becomes
+the real ``flwr-clientapp`` (exec), so a message is never lost to the warm start.
+
+Usage: ``launcher.py SOCKET REAL_FLWR_CLIENTAPP [flwr-clientapp arguments...]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+
+
+def _read_line(conn: socket.socket) -> str:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = conn.recv(64)
+        if not chunk:
+            raise ConnectionError("the warm process closed the connection")
+        data += chunk
+    return data.decode().strip()
+
+
+def main(argv: list[str]) -> int:
+    socket_path, real, args = argv[0], argv[1], argv[2:]
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(socket_path)
+        request = {"argv": args, "cwd": os.getcwd(), "env": dict(os.environ)}
+        socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
+        pid = int(_read_line(conn))
+    except (OSError, ValueError, ConnectionError):
+        conn.close()
+        os.execv(real, [real, *args])  # the cold path: Flower's own process
+
+    def forward(signum: int, _frame: object) -> None:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    try:
+        status = int(_read_line(conn))
+    except (OSError, ValueError, ConnectionError):
+        return 1
+    # A fork killed by a signal reports -N: exit as a shell reports it.
+    return 128 - status if status < 0 else status
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
