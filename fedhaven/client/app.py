@@ -45,6 +45,7 @@ from fedhaven.config import (
     Config,
     from_flat,
 )
+from fedhaven.encoded_cache import EncodedCache, cache_key
 from fedhaven.errors import FedhavenError
 from fedhaven.models import adapter_state, build_model, refactor_lora, set_adapter_state
 from fedhaven.privacy import Ledger, PriorStore, Release, epsilon_of
@@ -57,6 +58,7 @@ SiteSettings = Mapping[int, Mapping[str, Any]]
 PRIVACY_STATE = "privacy"
 ACCOUNTANT = "accountant"
 LABEL_PRIOR = "label-prior"
+COUNTS = "counts"  # the encoded-rows cache's entry for a site's row count and fingerprint
 
 
 log = logging.getLogger(__name__)
@@ -123,29 +125,57 @@ SITES_CACHED = 128
 
 
 @functools.lru_cache(maxsize=SITES_CACHED)
-def _site_rows(cfg: Config, node_key: tuple[Any, ...]) -> tuple[Dataset, Dataset, int]:
+def _site_rows(cfg: Config, node_key: tuple[Any, ...]) -> tuple[Dataset, Dataset]:
     # Cached per process: a Ray actor serves many rounds of the same sites.
     kind, value, num = node_key
     task = get_task(cfg)
     if kind == DATA_PATH:
-        ds = task.load(value)
-        train, val = fdata.split_train_val(ds, cfg.data.val_fraction, cfg.train.seed)
-    else:
-        full = task.load(cfg.data.path)
-        train, val = fdata.simulated_sites(full, cfg.data, num, cfg.train.seed)[value]
-    return train, val, fdata.fingerprint([*task.rows(train), *task.rows(val)])
+        return fdata.split_train_val(task.load(value), cfg.data.val_fraction, cfg.train.seed)
+    full = task.load(cfg.data.path)
+    return fdata.simulated_sites(full, cfg.data, num, cfg.train.seed)[value]
+
+
+@functools.lru_cache(maxsize=SITES_CACHED)
+def _disk_cache(cfg: Config, node_key: tuple[Any, ...]) -> EncodedCache | None:
+    # A deployed site with a state dir: each message is a new process, so the encoded rows
+    # are kept on the site's disk (a simulation's actors keep them in memory instead).
+    kind, value, state_dir = node_key
+    if kind != DATA_PATH or not state_dir:
+        return None
+    key = cache_key(cfg, Path(value), get_task(cfg).model_path())
+    return EncodedCache(Path(state_dir), key)
+
+
+@functools.lru_cache(maxsize=SITES_CACHED)
+def _site_counts(cfg: Config, node_key: tuple[Any, ...]) -> tuple[int, int]:
+    """(rows, fingerprint) of a site's training and validation rows."""
+    cache = _disk_cache(cfg, node_key)
+    if cache is not None and (counts := cache.load(COUNTS)) is not None:
+        return tuple(counts)
+    train, val = _site_rows(cfg, node_key)
+    rows = [*get_task(cfg).rows(train), *get_task(cfg).rows(val)]
+    counts = (len(train) + len(val), fdata.fingerprint(rows))
+    if cache is not None:
+        cache.save(COUNTS, list(counts))
+    return counts
 
 
 @functools.lru_cache(maxsize=2 * SITES_CACHED)
 def _encoded(cfg: Config, node_key: tuple[Any, ...], split: int) -> TensorDataset:
     # Each split on first use: encoding can run most of the model (seq-cls's frozen prefix),
     # and a deployed site starts a process per message, whose evaluation needs only val.
-    return get_task(cfg).encode(_site_rows(cfg, node_key)[split])
+    cache = _disk_cache(cfg, node_key)
+    if cache is not None and (ds := cache.load_split(split)) is not None:
+        return ds
+    ds = get_task(cfg).encode(_site_rows(cfg, node_key)[split])
+    if cache is not None:
+        cache.save_split(split, ds)
+    return ds
 
 
 def _node_key(node: Mapping[str, Any]) -> tuple[Any, ...]:
     if DATA_PATH in node:
-        return (DATA_PATH, str(node[DATA_PATH]), 1)
+        return (DATA_PATH, str(node[DATA_PATH]), str(node.get(STATE_DIR, "")))
     return (PARTITION_ID, int(node[PARTITION_ID]), int(node[NUM_PARTITIONS]))
 
 
@@ -166,13 +196,12 @@ def site_data(cfg: Config, node: Mapping[str, Any]) -> tuple[TensorDataset, Tens
 
 def site_row_count(cfg: Config, node: Mapping[str, Any]) -> int:
     """How many rows the site has (training and validation)."""
-    train, val, _ = _site_rows(cfg, _node_key(node))
-    return len(train) + len(val)
+    return _site_counts(cfg, _node_key(node))[0]
 
 
 def site_fingerprint(cfg: Config, node: Mapping[str, Any]) -> int:
     """48 bits of a hash of the site's rows (see :func:`fedhaven.data.fingerprint`)."""
-    return _site_rows(cfg, _node_key(node))[2]
+    return _site_counts(cfg, _node_key(node))[1]
 
 
 def site_audit_log(node: Mapping[str, Any]) -> AuditLog | None:
