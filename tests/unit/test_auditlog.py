@@ -210,10 +210,14 @@ def test_the_site_records_what_it_sent_and_what_it_refused(
     assert entry["bytes"] == protocol.record_nbytes(arrays)
     assert entry["metrics"] == sorted(metrics.keys())
     assert entry["epsilon"] == metrics[protocol.EPSILON] > 0
-    # what was sent, never the data: exactly these fields
+    # what was sent and where the message's time went, never the data: exactly these fields
     assert set(entry) == {"time", "event", "run_id", "round", "tensors", "bytes", "metrics"} | {
-        "epsilon"
+        "epsilon",
+        "timings",
     }
+    timings = entry["timings"]
+    assert set(timings) == {"process_s", "handler_s", "train_s"}
+    assert 0 < timings["train_s"] <= timings["handler_s"] < timings["process_s"] + 3600
 
     refused = handle_train(_instruction(cfg, 2), _site(tmp_path, **{EPSILON_BUDGET: 1e-3}), flat)
     assert refused.has_error() and refused.error.code == protocol.REFUSED
