@@ -45,6 +45,7 @@ from fedhaven.config import (
     Config,
     from_flat,
 )
+from fedhaven.datacheck import DataReport, DataRules
 from fedhaven.errors import FedhavenError
 from fedhaven.models import adapter_state, build_model, refactor_lora, set_adapter_state
 from fedhaven.privacy import Ledger, PriorStore, Release, epsilon_of
@@ -57,6 +58,7 @@ SiteSettings = Mapping[int, Mapping[str, Any]]
 PRIVACY_STATE = "privacy"
 ACCOUNTANT = "accountant"
 LABEL_PRIOR = "label-prior"
+DATA_LOGGED = "data-checked"  # the run's data_checked audit event is written
 
 
 log = logging.getLogger(__name__)
@@ -123,17 +125,19 @@ SITES_CACHED = 128
 
 
 @functools.lru_cache(maxsize=SITES_CACHED)
-def _site_rows(cfg: Config, node_key: tuple[Any, ...]) -> tuple[Dataset, Dataset, int]:
+def _site_rows(
+    cfg: Config, node_key: tuple[Any, ...]
+) -> tuple[Dataset, Dataset, int, DataReport | None]:
     # Cached per process: a Ray actor serves many rounds of the same sites.
-    kind, value, num = node_key
+    kind, value, num, rules = node_key
     task = get_task(cfg)
-    if kind == DATA_PATH:
-        ds = task.load(value)
-        train, val = fdata.split_train_val(ds, cfg.data.val_fraction, cfg.train.seed)
-    else:
+    report = None
+    if kind == DATA_PATH:  # the site's own file, checked under its own rules
+        train, val, report = task.load_site(value, rules, cfg.train.seed)
+    else:  # a simulated partition of the run's data, checked as a whole when loaded
         full = task.load(cfg.data.path)
         train, val = fdata.simulated_sites(full, cfg.data, num, cfg.train.seed)[value]
-    return train, val, fdata.fingerprint([*task.rows(train), *task.rows(val)])
+    return train, val, fdata.fingerprint([*task.rows(train), *task.rows(val)]), report
 
 
 @functools.lru_cache(maxsize=2 * SITES_CACHED)
@@ -145,8 +149,8 @@ def _encoded(cfg: Config, node_key: tuple[Any, ...], split: int) -> TensorDatase
 
 def _node_key(node: Mapping[str, Any]) -> tuple[Any, ...]:
     if DATA_PATH in node:
-        return (DATA_PATH, str(node[DATA_PATH]), 1)
-    return (PARTITION_ID, int(node[PARTITION_ID]), int(node[NUM_PARTITIONS]))
+        return (DATA_PATH, str(node[DATA_PATH]), 1, DataRules.from_node(node))
+    return (PARTITION_ID, int(node[PARTITION_ID]), int(node[NUM_PARTITIONS]), None)
 
 
 def site_train(cfg: Config, node: Mapping[str, Any]) -> TensorDataset:
@@ -166,13 +170,31 @@ def site_data(cfg: Config, node: Mapping[str, Any]) -> tuple[TensorDataset, Tens
 
 def site_row_count(cfg: Config, node: Mapping[str, Any]) -> int:
     """How many rows the site has (training and validation)."""
-    train, val, _ = _site_rows(cfg, _node_key(node))
+    train, val, *_ = _site_rows(cfg, _node_key(node))
     return len(train) + len(val)
 
 
 def site_fingerprint(cfg: Config, node: Mapping[str, Any]) -> int:
     """48 bits of a hash of the site's rows (see :func:`fedhaven.data.fingerprint`)."""
     return _site_rows(cfg, _node_key(node))[2]
+
+
+def site_data_report(cfg: Config, node: Mapping[str, Any]) -> DataReport | None:
+    """What the checks of the site's own file found (``None``: a simulated partition, or a
+    task without such checks)."""
+    return _site_rows(cfg, _node_key(node))[3]
+
+
+def data_metrics(report: DataReport | None) -> dict[str, float]:
+    """The totals of a site's data checks that go into its reply, for the model card."""
+    if report is None:
+        return {}
+    return {
+        protocol.DATA_ROWS_IN: report.rows_in,
+        protocol.DATA_DROPPED: report.rows_dropped,
+        protocol.DATA_DUPLICATES: report.duplicates,
+        protocol.DATA_SMALL_CLASSES: len(report.below_minimum),
+    }
 
 
 def site_audit_log(node: Mapping[str, Any]) -> AuditLog | None:
@@ -240,6 +262,11 @@ def handle_train(
     # run, or a restarted site, has lost that memory but must not release it again).
     priors = PriorStore(str(node[STATE_DIR])) if STATE_DIR in node else None
     prior = json.loads(str(state[LABEL_PRIOR])) if LABEL_PRIOR in state else None
+    report = site_data_report(cfg, node)
+    if audit is not None and report is not None and DATA_LOGGED not in state:
+        # once per run: the counts of the checks, on the site's disk (state-dir) only
+        audit.record(auditlog.DATA_CHECKED, run_id=context.run_id, **report.to_dict())
+        state[DATA_LOGGED] = True
     if prior is None and priors is not None:
         prior = priors.load(cfg, context.run_id)
     if EPSILON_BUDGET in node:  # before any training: a refused round touches nothing
@@ -296,6 +323,7 @@ def handle_train(
         protocol.SITE_WEIGHT: 1.0,
         protocol.DATA_ROWS: site_row_count(cfg, node),
         protocol.DATA_FINGERPRINT: site_fingerprint(cfg, node),
+        **data_metrics(report),
     }
     if result.epsilon is not None:
         metrics[protocol.EPSILON] = result.epsilon
