@@ -1,11 +1,14 @@
 """fedhaven.datacheck: each defect in a small file of its own, counted by hand; the stratified
-split. The user's file is never modified."""
+split; `fedhaven data check`. The user's file is never modified."""
 
 from __future__ import annotations
 
 import csv
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -270,3 +273,28 @@ def test_a_class_with_one_row_trains() -> None:
     train, val = fdata.split_train_val(_labeled([0, 0, 0, 0, 1]), 0.4, seed=0)
     assert list(val["label"]) == [0, 0]
     assert sorted(train["label"]) == [0, 0, 1]
+
+
+def test_cli_data_check(tmp_path: Path) -> None:
+    path = _write(tmp_path / "site.csv", [*CLEAN, CLEAN[0], ("f review", "Positive ")])
+    before = _sha(path)
+    out = tmp_path / "report.json"
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "fedhaven.cli", "data", "check", str(path)]
+    stop = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    assert stop.returncode == 2
+    lines = [ln for ln in stop.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), stop.stderr
+    assert "1 row with a label that differs" in lines[0]
+    assert not out.exists()
+    cmd += ["--label-rule", "map", "--min-per-class", "6", "--json", str(out)]
+    ok = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    assert ok.returncode == 0, ok.stderr
+    assert "Traceback" not in ok.stderr
+    d = json.loads(out.read_text())
+    assert (d["rows_in"], d["rows_kept"], d["labels_mapped"]) == (17, 16, 1)
+    assert d["dropped"][EXACT_DUPLICATE] == 1
+    assert d["below_minimum"] == ["negative", "neutral"]
+    assert d["train_per_label"] == {"negative": 4, "neutral": 4, "positive": 5}
+    assert "warning: 2 classes have fewer than 6 rows" in ok.stdout
+    assert _sha(path) == before
