@@ -393,6 +393,14 @@ def site_cmd(
     lora_rank: Annotated[
         int | None, typer.Option(help="this site's LoRA rank (federation.strategy=flexlora)")
     ] = None,
+    label_rule: Annotated[
+        str,
+        typer.Option(
+            help="a label outside the run's set, or differing only by case or whitespace: "
+            "drop | map | stop (see `fedhaven data check`)"
+        ),
+    ] = "stop",
+    min_per_class: Annotated[int, typer.Option(help="warn below this many rows per class")] = 5,
     port: Annotated[int, typer.Option(help="the SuperNode's local Runtime API port")] = 9094,
     max_wait: Annotated[
         float, typer.Option(help="seconds to keep retrying an unreachable coordinator")
@@ -402,6 +410,7 @@ def site_cmd(
     ] = False,
 ) -> None:
     """Run this site's Flower SuperNode with fedhaven's ClientApp until Ctrl-C."""
+    from fedhaven.datacheck import DataRules
     from fedhaven.deploy.site import serve
 
     serve(
@@ -413,6 +422,7 @@ def site_cmd(
         epsilon_budget=epsilon_budget,
         delta=delta,
         lora_rank=lora_rank,
+        rules=DataRules(label_rule, min_per_class),
         port=port,
         max_wait_s=max_wait,
         insecure=insecure,
