@@ -239,10 +239,15 @@ def check(
     *,
     source: str = "data",
     labeled: bool = True,
+    split_seed: int | None = None,
 ) -> tuple[Dataset, DataReport | None]:
     """Run the checks on ``ds``; returns the kept rows (columns ``text``, ``label`` (int, in
-    ``cfg.label_names`` order) and the file's own) and the report (``None`` for rows without
-    labels, which are only cleaned: prediction keeps one output per input row)."""
+    ``cfg.label_names`` order) and the file's own) and the report.
+
+    ``labeled=False`` (prediction) keeps one output per input row: no duplicate is dropped
+    and no report made; a label column that is there is still encoded. ``split_seed``: also
+    count the duplicates the site's split at that seed would have put on both sides.
+    """
     rules = rules or DataRules()
     has_label = check_schema(ds, cfg, source, labeled)
     df = ds.to_pandas()
@@ -256,14 +261,17 @@ def check(
     df = df.loc[~empty].assign(**{TEXT: text[~empty]})
     if df.empty:
         raise FedhavenError(f"{source}: every row has empty text in column '{cfg.text_column}'")
-    if not has_label:
+    if has_label:
+        names = cfg.label_names
+        ids, mapped = _resolve_labels(df[cfg.label_column], names, rules, dropped, source)
+        df = df.assign(**{LABEL: ids}).loc[ids >= 0]
+    if not labeled:
         return Dataset.from_pandas(df.reset_index(drop=True), preserve_index=False), None
 
-    names = cfg.label_names
-    ids, mapped = _resolve_labels(df[cfg.label_column], names, rules, dropped, source)
-    df = df.assign(**{LABEL: ids}).loc[ids >= 0]
-    df[LABEL] = df[LABEL].astype("int64")
     keys = df[TEXT].map(normalise)
+    crossing = None
+    if split_seed is not None:
+        crossing = _would_cross(keys.to_numpy(), df[LABEL].to_numpy(), cfg, split_seed)
 
     conflicting = df.groupby(keys)[LABEL].transform("nunique") > 1
     dropped[CONFLICTING_LABELS] = int(conflicting.sum())
@@ -290,6 +298,7 @@ def check(
         label_rule=rules.label_rule,
         min_per_class=rules.min_per_class,
         below_minimum=below,
+        cross_split_duplicates=crossing,
     )
     for line in report.warnings():
         log.warning("%s: %s", source, line)
@@ -361,13 +370,11 @@ def check_site(
 ) -> CheckedData:
     """What a site trains and validates on: the checks, then the stratified split at
     ``cfg.val_fraction`` and ``seed``, counted per label on each side."""
-    kept, report = check(ds, cfg, rules, source=source)
+    kept, report = check(ds, cfg, rules, source=source, split_seed=seed)
     assert report is not None  # labeled
     train, val = split_train_val(kept, cfg.val_fraction, seed)
-    names = cfg.label_names
-    report.train_per_label = _per_label(train, names)
-    report.val_per_label = _per_label(val, names)
-    report.cross_split_duplicates = _would_cross(ds, cfg, rules, seed)
+    report.train_per_label = _per_label(train, cfg.label_names)
+    report.val_per_label = _per_label(val, cfg.label_names)
     return CheckedData(train, val, report)
 
 
@@ -376,17 +383,10 @@ def _per_label(ds: Dataset, names: list[str]) -> dict[str, int]:
     return {n: int(c) for n, c in zip(names, counts, strict=True)}
 
 
-def _would_cross(ds: Dataset, cfg: DataConfig, rules: DataRules, seed: int) -> int:
-    """Validation rows with a copy (same normalised text) in training, had the rows after the
-    label step been split as they were, duplicates and all."""
-    df = ds.to_pandas()
-    text = df[cfg.text_column].map(lambda t: clean_text(t) if isinstance(t, str) else "")
-    df = df.loc[text.str.len() > 0].assign(**{TEXT: text})
-    scratch = dict.fromkeys(REASONS, 0)
-    ids, _ = _resolve_labels(df[cfg.label_column], cfg.label_names, rules, scratch, "")
-    keys = df[TEXT].map(normalise).to_numpy()[ids >= 0]
-    val = split_indices(len(keys), ids[ids >= 0], cfg.val_fraction, seed)
+def _would_cross(keys: np.ndarray, labels: np.ndarray, cfg: DataConfig, seed: int) -> int:
+    """Validation rows with a copy (the same normalised text) in training, had the rows of
+    these ``keys`` been split as they are, duplicates and all."""
     in_val = np.zeros(len(keys), dtype=bool)
-    in_val[val] = True
+    in_val[split_indices(len(keys), labels, cfg.val_fraction, seed)] = True
     seen = set(keys[~in_val])
     return int(sum(k in seen for k in keys[in_val]))

@@ -298,3 +298,10 @@ def test_cli_data_check(tmp_path: Path) -> None:
     assert d["train_per_label"] == {"negative": 4, "neutral": 4, "positive": 5}
     assert "warning: 2 classes have fewer than 6 rows" in ok.stdout
     assert _sha(path) == before
+
+
+def test_prediction_rows_keep_their_duplicates(tmp_path: Path) -> None:
+    # one output per input row: duplicates stay, only empty texts go
+    path = _write(tmp_path / "in.csv", [("good", "positive"), ("good", "positive"), ("", "")])
+    ds = fdata.load(str(path), CFG, labeled=False)
+    assert list(ds["text"]) == ["good", "good"]
