@@ -262,13 +262,13 @@ def handle_train(
     # run, or a restarted site, has lost that memory but must not release it again).
     priors = PriorStore(str(node[STATE_DIR])) if STATE_DIR in node else None
     prior = json.loads(str(state[LABEL_PRIOR])) if LABEL_PRIOR in state else None
+    if prior is None and priors is not None:
+        prior = priors.load(cfg, context.run_id)
     report = site_data_report(cfg, node)
     if audit is not None and report is not None and DATA_LOGGED not in state:
         # once per run: the counts of the checks, on the site's disk (state-dir) only
         audit.record(auditlog.DATA_CHECKED, run_id=context.run_id, **report.to_dict())
         state[DATA_LOGGED] = True
-    if prior is None and priors is not None:
-        prior = priors.load(cfg, context.run_id)
     if EPSILON_BUDGET in node:  # before any training: a refused round touches nothing
         try:
             check_budget(cfg, node, history, len(train), has_prior=prior is not None)
