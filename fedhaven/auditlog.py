@@ -6,7 +6,8 @@ Two kinds of log use it:
   sampled sites, every site's reply to it (accepted, with its bytes and examples; rejected,
   refused or failed, with the reason), the checkpoints written, and why a run stopped;
 * a site's ``<state-dir>/audit-log.jsonl``: what the site itself sent (tensor count and
-  bytes, metric names, ε after the round) and the rounds it refused. Never any data.
+  bytes, metric names, ε after the round), the rounds it refused, and the counts of its
+  data checks. Never any data.
 
 Each line is ``{"time": <UTC ISO 8601>, "event": <name>, <fields>...}``. Every line is
 fsync'ed before :meth:`AuditLog.record` returns, like the privacy ledger
@@ -61,6 +62,9 @@ RUN_STOPPED = "run_stopped"
 SENT = "sent"
 #: The site refused a round: run_id, round, reason.
 REFUSED = "refused"
+#: The site checked its data file, once per run: run_id and the counts of
+#: :meth:`fedhaven.datacheck.DataReport.to_dict` (never a row's content).
+DATA_CHECKED = "data_checked"
 
 COORDINATOR_EVENTS = frozenset(
     {
@@ -75,7 +79,7 @@ COORDINATOR_EVENTS = frozenset(
         RUN_STOPPED,
     }
 )
-SITE_EVENTS = frozenset({SENT, REFUSED})
+SITE_EVENTS = frozenset({SENT, REFUSED, DATA_CHECKED})
 EVENTS = COORDINATOR_EVENTS | SITE_EVENTS
 
 

@@ -393,6 +393,14 @@ def site_cmd(
     lora_rank: Annotated[
         int | None, typer.Option(help="this site's LoRA rank (federation.strategy=flexlora)")
     ] = None,
+    label_rule: Annotated[
+        str,
+        typer.Option(
+            help="a label outside the run's set, or differing only by case or whitespace: "
+            "drop | map | stop (see `fedhaven data check`)"
+        ),
+    ] = "stop",
+    min_per_class: Annotated[int, typer.Option(help="warn below this many rows per class")] = 5,
     port: Annotated[int, typer.Option(help="the SuperNode's local Runtime API port")] = 9094,
     max_wait: Annotated[
         float, typer.Option(help="seconds to keep retrying an unreachable coordinator")
@@ -409,6 +417,7 @@ def site_cmd(
     ] = False,
 ) -> None:
     """Run this site's Flower SuperNode with fedhaven's ClientApp until Ctrl-C."""
+    from fedhaven.datacheck import DataRules
     from fedhaven.deploy.site import serve
 
     serve(
@@ -420,6 +429,7 @@ def site_cmd(
         epsilon_budget=epsilon_budget,
         delta=delta,
         lora_rank=lora_rank,
+        rules=DataRules(label_rule, min_per_class),
         port=port,
         max_wait_s=max_wait,
         insecure=insecure,
@@ -578,8 +588,79 @@ def tune(
     )
 
 
-data_app = typer.Typer(no_args_is_help=True, help="Demo data, written to files.")
+data_app = typer.Typer(
+    no_args_is_help=True, help="A site's data, checked where it lives; demo data, written to files."
+)
 app.add_typer(data_app, name="data")
+
+
+@data_app.command("check")
+def data_check(
+    file: Annotated[Path, typer.Argument(help="the site's data: csv, tsv, jsonl or parquet")],
+    text_column: Annotated[str | None, typer.Option(help="column holding the text")] = None,
+    label_column: Annotated[str | None, typer.Option(help="column holding the label")] = None,
+    labels: Annotated[str | None, typer.Option(help="the run's label set, comma-separated")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="the run's TOML config (data.*, train.seed)")
+    ] = None,
+    label_rule: Annotated[
+        str,
+        typer.Option(
+            help="a label outside the set, or differing only by case or whitespace: "
+            "drop | map | stop"
+        ),
+    ] = "stop",
+    min_per_class: Annotated[int, typer.Option(help="warn below this many rows per class")] = 5,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="also write the report as JSON here")
+    ] = None,
+) -> None:
+    """The checks a site's training runs on its file, and their counts: schema, encoding,
+    empty texts, labels, duplicates, rows per class, the train / validation split. Prints
+    counts only, never a row; the file is not modified. Exits 2 on a schema or encoding error
+    and, under --label-rule stop, on a label defect."""
+    import json
+
+    from fedhaven import data as fdata
+    from fedhaven.config import from_flat, load_toml
+    from fedhaven.datacheck import DataRules, check_site
+
+    rules = DataRules(label_rule, min_per_class)
+    flat = load_toml(config) if config else {}
+    flat = {k: v for k, v in flat.items() if not k.startswith("sites.")}  # the sites' own
+    given = {"data.text-column": text_column, "data.label-column": label_column}
+    flat |= {k: v for k, v in {**given, "data.labels": labels}.items() if v is not None}
+    cfg = from_flat(flat)
+    if cfg.model.task != "seq-cls":
+        raise FedhavenError(
+            f"fedhaven data check reads text classification tables (model.task = seq-cls), "
+            f"not {cfg.model.task} data: that is checked when a site loads it"
+        )
+    if json_out is not None and json_out.resolve() == file.resolve():
+        raise FedhavenError(f"--json {json_out} is the data file itself: name another file")
+    # The report's warnings are printed below, once: not also as log lines.
+    logging.getLogger("fedhaven.datacheck").setLevel(logging.ERROR)
+    source = f"data file '{file}'"
+    checked = check_site(
+        fdata.read_table(str(file)), cfg.data, rules, seed=cfg.train.seed, source=source
+    )
+    report = checked.report
+    table = Table(
+        title=f"{file.name}: val-fraction {cfg.data.val_fraction:g}, seed "
+        f"{cfg.train.seed}, label-rule {rules.label_rule}"
+    )
+    table.add_column("check")
+    table.add_column("rows", justify="right")
+    for what, count in report.rows():
+        table.add_row(what, count)
+    console.print(table)
+    for line in report.warnings():
+        console.print(f"warning: {line}", highlight=False, soft_wrap=True, markup=False)
+    if json_out is not None:
+        meta = {"labels": cfg.data.label_names, "val_fraction": cfg.data.val_fraction}
+        meta["seed"] = cfg.train.seed
+        json_out.write_text(json.dumps({**meta, **report.to_dict()}, indent=2) + "\n")
+        console.print(f"report → {json_out}", highlight=False, soft_wrap=True)
 
 
 @data_app.command("digits")

@@ -31,6 +31,11 @@ STATE_DIR = "state-dir"  # the site's own directory: its privacy ledger lives th
 EPSILON_BUDGET = "epsilon-budget"  # the site's own ε limit over its whole ledger
 DELTA = "delta"  # the site's own δ for that limit
 LORA_RANK = "lora-rank"  # the site's own LoRA rank (federation.strategy = flexlora only)
+# The site's rules for its own data (fedhaven.datacheck): what a label outside the run's set,
+# or one differing only by case or whitespace, does (drop | map | stop), and the rows per
+# class below which the site warns.
+LABEL_RULE = "label-rule"
+MIN_PER_CLASS = "min-per-class"
 #: Simulation only, for research on robust rules: the site sends the global adapter plus this
 #: multiple of its update (a hostile or broken site). No deployed site reads it.
 UPDATE_SCALE = "update-scale"

@@ -7,6 +7,7 @@ The label set comes from the run config, so every site maps labels to the same i
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import html
 import importlib.util
@@ -15,7 +16,7 @@ import logging
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -23,6 +24,9 @@ from datasets import Dataset, disable_progress_bars
 
 from fedhaven.config import BUNDLED, DataConfig
 from fedhaven.errors import FedhavenError
+
+if TYPE_CHECKING:
+    from fedhaven.datacheck import DataRules
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,37 @@ _READERS = {
     ".jsonl": lambda p: Dataset.from_json(p, keep_in_memory=True),
     ".parquet": lambda p: Dataset.from_parquet(p, keep_in_memory=True),
 }
+
+
+_TEXT_FORMATS = (".csv", ".tsv", ".json", ".jsonl")
+_CHUNK = 1 << 20
+
+
+def check_utf8(path: Path) -> None:
+    """A text file must be UTF-8 (a byte-order mark is fine): name the first byte that is
+    not, and where, never the text around it."""
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    offset, line = 0, 1
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                line += chunk.count(b"\n", 0, e.start)
+                raise FedhavenError(
+                    f"data file '{path}' is not UTF-8: byte 0x{chunk[e.start]:02x} at byte "
+                    f"{offset + e.start} (line {line}) is not valid UTF-8, as in a Latin-1 or "
+                    "Windows-1252 file; save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8 "
+                    "IN > OUT`) and pass that file"
+                ) from None
+            offset, line = offset + len(chunk), line + chunk.count(b"\n")
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise FedhavenError(
+                f"data file '{path}' is not UTF-8: it ends inside a multi-byte character; save "
+                "it as UTF-8 and pass that file"
+            ) from None
 
 
 def bundled_drug_reviews(split: str) -> Dataset:
@@ -83,6 +118,8 @@ def read_table(path: str, *, split: str = "train") -> Dataset:
         )
     if p.stat().st_size == 0:
         raise FedhavenError(f"data file '{p}' is empty: it needs a header and labeled rows")
+    if p.suffix.lower() in _TEXT_FORMATS:
+        check_utf8(p)
     try:
         ds = reader(str(p))
     except ValueError as e:
@@ -102,42 +139,26 @@ def read_table(path: str, *, split: str = "train") -> Dataset:
     return ds
 
 
-def prepare(ds: Dataset, cfg: DataConfig, *, source: str = "data", labeled: bool = True) -> Dataset:
-    """Validate columns, clean text, drop empty texts (with a warning), encode labels.
+def prepare(
+    ds: Dataset,
+    cfg: DataConfig,
+    *,
+    source: str = "data",
+    labeled: bool = True,
+    rules: DataRules | None = None,
+) -> Dataset:
+    """Validate columns, clean text, drop empty texts (with a warning), resolve and encode
+    labels, drop duplicates: the checks of :mod:`fedhaven.datacheck` under ``rules`` (the
+    defaults when ``None``).
 
     Returns a dataset with columns ``text`` and ``label`` (int, in ``cfg.label_names`` order)
     plus the original columns (for column partitioning). ``labeled=False`` (prediction):
-    no label column needed; one that is there is encoded all the same.
+    no label column needed, and rows are only cleaned, one output per input row; a label
+    column that is there is encoded all the same.
     """
-    needed = [(cfg.text_column, "text-column")]
-    if labeled or cfg.label_column in ds.column_names:
-        needed.append((cfg.label_column, "label-column"))
-    for col, key in needed:
-        if col not in ds.column_names:
-            raise FedhavenError(
-                f"{source}: column '{col}' not found (columns: {', '.join(ds.column_names)}): "
-                f"set data.{key} (--{key}) to the right column"
-            )
-    df = ds.to_pandas()
-    text = df[cfg.text_column].map(lambda t: clean_text(t) if isinstance(t, str) else "")
-    empty = text.str.len() == 0
-    if empty.any():
-        log.warning("%s: dropped %d rows with empty text", source, int(empty.sum()))
-    df = df.loc[~empty].assign(**{TEXT: text[~empty]})
-    if df.empty:
-        raise FedhavenError(f"{source}: every row has empty text in column '{cfg.text_column}'")
-    if len(needed) == 1:
-        return Dataset.from_pandas(df.reset_index(drop=True), preserve_index=False)
-    label_ids = {name: i for i, name in enumerate(cfg.label_names)}
-    raw = df[cfg.label_column].map(lambda v: str(v).strip())
-    unknown = sorted(set(raw) - label_ids.keys())
-    if unknown:
-        raise FedhavenError(
-            f"{source}: label {unknown[0]!r} is not in the configured label set "
-            f"{cfg.label_names}: add it to data.labels or fix the row"
-        )
-    df[LABEL] = raw.map(label_ids).astype("int64")
-    return Dataset.from_pandas(df.reset_index(drop=True), preserve_index=False)
+    from fedhaven.datacheck import check  # it builds on this module
+
+    return check(ds, cfg, rules, source=source, labeled=labeled)[0]
 
 
 def load(path: str, cfg: DataConfig, *, split: str = "train", labeled: bool = True) -> Dataset:
@@ -196,13 +217,37 @@ def partition(ds: Dataset, cfg: DataConfig, num_sites: int, seed: int) -> list[n
     )
 
 
+def split_indices(n: int, labels: np.ndarray | None, val_fraction: float, seed: int) -> np.ndarray:
+    """The sorted validation rows among ``n`` (``labels``: each row's; ``None``, a plain
+    seeded sample). Stratified: ``round(n · val_fraction)`` rows in all, shared out among the
+    labels by largest remainder, so each label keeps its share; every label keeps at least
+    one training row (a label with one row trains)."""
+    n_val = round(n * val_fraction)
+    if n_val == 0 or n - n_val < 1:
+        return np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    if labels is None:
+        return np.sort(rng.permutation(n)[:n_val])
+    classes, counts = np.unique(labels, return_counts=True)
+    room = counts - 1
+    quota = counts * n_val / n
+    take = np.minimum(np.floor(quota).astype(np.int64), room)
+    while take.sum() < n_val and (take < room).any():
+        gap = np.where(take < room, quota - take, -np.inf)
+        take[int(np.argmax(gap))] += 1  # ties: the first label, for a fixed result
+    picked = [
+        rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take, strict=True)
+    ]
+    return np.sort(np.concatenate(picked)).astype(np.int64)
+
+
 def split_train_val(ds: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
-    """A site's own train / validation split (validation feeds federated evaluation)."""
-    n_val = round(len(ds) * val_fraction)
-    if n_val == 0 or len(ds) - n_val < 1:
-        return ds, ds.select([])
-    order = np.random.default_rng(seed).permutation(len(ds))
-    return ds.select(np.sort(order[n_val:])), ds.select(np.sort(order[:n_val]))
+    """A site's own train / validation split (validation feeds federated evaluation),
+    stratified by label where the rows have one (:func:`split_indices`)."""
+    labels = np.asarray(ds[LABEL]) if LABEL in ds.column_names else None
+    val = split_indices(len(ds), labels, val_fraction, seed)
+    train = np.setdiff1d(np.arange(len(ds)), val)
+    return ds.select(train), ds.select(val)
 
 
 def simulated_sites(

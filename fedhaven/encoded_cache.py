@@ -48,8 +48,8 @@ def _model_stamp(model_dir: Path) -> list[tuple[str, int, int]]:
     )
 
 
-def cache_key(cfg: Config, data_path: Path, model_dir: Path) -> str:
-    """The hash that names a site's encoded rows."""
+def cache_key(cfg: Config, data_path: Path, model_dir: Path, extra: str = "") -> str:
+    """The hash that names a site's encoded rows (``extra``: the site's own data rules)."""
     settings = {k: v for k, v in cfg.to_flat().items() if k.startswith(_SECTIONS) or k in _ALSO}
     what = {
         "format": FORMAT,
@@ -58,6 +58,7 @@ def cache_key(cfg: Config, data_path: Path, model_dir: Path) -> str:
         "data": _file_digest(data_path),
         "settings": settings,
         "model": _model_stamp(model_dir),
+        "extra": extra,
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
 

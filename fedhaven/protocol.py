@@ -58,6 +58,14 @@ NORM_BIT = KEY_NORM_BIT
 # rows, computed at the site (fedhaven.data.fingerprint).
 DATA_ROWS = "data-rows"
 DATA_FINGERPRINT = "data-fingerprint"
+# Where the site checks its file (fedhaven.datacheck: a deployed text classification site),
+# for the model card: rows in the file, rows the checks dropped (duplicates among them),
+# and how many of the run's classes fall below the site's minimum. Totals, never per label:
+# exact label counts would bypass the DP label prior.
+DATA_ROWS_IN = "data-rows-in"
+DATA_DROPPED = "data-dropped"
+DATA_DUPLICATES = "data-duplicates"
+DATA_SMALL_CLASSES = "data-small-classes"
 
 TRAIN_METRICS = frozenset(
     {
@@ -70,6 +78,10 @@ TRAIN_METRICS = frozenset(
         NORM_BIT,
         DATA_ROWS,
         DATA_FINGERPRINT,
+        DATA_ROWS_IN,
+        DATA_DROPPED,
+        DATA_DUPLICATES,
+        DATA_SMALL_CLASSES,
     }
 )
 EVALUATE_METRICS = frozenset({NUM_EXAMPLES, *METRIC_KEYS.values()})

@@ -312,6 +312,42 @@ def _markdown(summary: dict[str, Any], rounds: list[dict[str, Any]], names: dict
 MODEL_CARD_FILE = "model_card.md"
 
 
+def _count(value: Any) -> str:
+    return "-" if value is None else str(int(value))
+
+
+def _data_table(sites: dict[str, Any], names: dict[str, str]) -> list[str]:
+    """Each site's rows and fingerprint; where sites checked their own files
+    (fedhaven.datacheck), what the checks found, as totals."""
+    checked = any(s.get("rows_in") is not None for s in sites.values())
+    head = "| site | training rows | rows in all | data fingerprint |"
+    if checked:
+        head += " rows in file | dropped | duplicates removed | classes under minimum |"
+    lines = [head, "|---" * head.count(" | ") + "|---|"]
+    for node, name in names.items():
+        s = sites[node]
+        fp = s.get("fingerprint")
+        line = (
+            f"| {name} | {s['examples']} | {s.get('rows', '-')} "
+            f"| {'-' if fp is None else f'{int(fp):012x}'} |"
+        )
+        if checked:
+            line += " " + " | ".join(
+                _count(s.get(k)) for k in ("rows_in", "dropped", "duplicates", "small_classes")
+            )
+            line += " |"
+        lines.append(line)
+    if checked:
+        lines += [
+            "",
+            "Rows in file: before the site's checks; dropped: empty texts, labels outside the "
+            "run's set (or case variants, as the site's label rule says), conflicting labels "
+            "and duplicates; classes under minimum: the run's classes with fewer rows than the "
+            "site's min-per-class.",
+        ]
+    return lines
+
+
 def model_card(summary: dict[str, Any]) -> str:
     """The adapter's model card, from the run's summary: what was trained, on what (counts
     and fingerprints the sites computed, never content), at what privacy cost, how well."""
@@ -343,16 +379,8 @@ def model_card(summary: dict[str, Any]) -> str:
         "",
         "## Data (counts and fingerprints computed at each site; no content left a site)",
         "",
-        "| site | training rows | rows in all | data fingerprint |",
-        "|---|---|---|---|",
+        *_data_table(sites, names),
     ]
-    for node, name in names.items():
-        s = sites[node]
-        fp = s.get("fingerprint")
-        lines.append(
-            f"| {name} | {s['examples']} | {s.get('rows', '-')} "
-            f"| {'-' if fp is None else f'{int(fp):012x}'} |"
-        )
     lines += ["", "## Privacy", ""]
     if summary["max_epsilon"] is not None:
         lines += [

@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from fedhaven.config import (
     Config,
     from_flat,
 )
+from fedhaven.datacheck import DataReport, DataRules
 from fedhaven.encoded_cache import EncodedCache, cache_key
 from fedhaven.errors import FedhavenError
 from fedhaven.models import adapter_state, build_model, refactor_lora, set_adapter_state
@@ -60,7 +61,8 @@ SiteSettings = Mapping[int, Mapping[str, Any]]
 PRIVACY_STATE = "privacy"
 ACCOUNTANT = "accountant"
 LABEL_PRIOR = "label-prior"
-COUNTS = "counts"  # the encoded-rows cache's entry for a site's row count and fingerprint
+COUNTS = "counts"  # the encoded-rows cache's entry for a site's counts and data report
+DATA_LOGGED = "data-checked"  # the run's data_checked audit event is written
 
 
 log = logging.getLogger(__name__)
@@ -127,38 +129,43 @@ SITES_CACHED = 128
 
 
 @functools.lru_cache(maxsize=SITES_CACHED)
-def _site_rows(cfg: Config, node_key: tuple[Any, ...]) -> tuple[Dataset, Dataset]:
+def _site_rows(
+    cfg: Config, node_key: tuple[Any, ...]
+) -> tuple[Dataset, Dataset, DataReport | None]:
     # Cached per process: a Ray actor serves many rounds of the same sites.
-    kind, value, num = node_key
+    kind, value, num, rules = node_key  # num: a site file's state dir (unused here)
     task = get_task(cfg)
-    if kind == DATA_PATH:
-        return fdata.split_train_val(task.load(value), cfg.data.val_fraction, cfg.train.seed)
+    if kind == DATA_PATH:  # the site's own file, checked under its own rules
+        return task.load_site(value, rules, cfg.train.seed)
+    # a simulated partition of the run's data, checked as a whole when loaded
     full = task.load(cfg.data.path)
-    return fdata.simulated_sites(full, cfg.data, num, cfg.train.seed)[value]
+    train, val = fdata.simulated_sites(full, cfg.data, num, cfg.train.seed)[value]
+    return train, val, None
 
 
 @functools.lru_cache(maxsize=SITES_CACHED)
 def _disk_cache(cfg: Config, node_key: tuple[Any, ...]) -> EncodedCache | None:
     # A deployed site with a state dir: each message is a new process, so the encoded rows
     # are kept on the site's disk (a simulation's actors keep them in memory instead).
-    kind, value, state_dir = node_key
+    kind, value, state_dir, rules = node_key
     if kind != DATA_PATH or not state_dir:
         return None
-    key = cache_key(cfg, Path(value), get_task(cfg).model_path())
+    key = cache_key(cfg, Path(value), get_task(cfg).model_path(), extra=repr(rules))
     return EncodedCache(Path(state_dir), key)
 
 
 @functools.lru_cache(maxsize=SITES_CACHED)
-def _site_counts(cfg: Config, node_key: tuple[Any, ...]) -> tuple[int, int]:
-    """(rows, fingerprint) of a site's training and validation rows."""
+def _site_counts(cfg: Config, node_key: tuple[Any, ...]) -> tuple[int, int, DataReport | None]:
+    """(rows, fingerprint, checks' report) of a site's training and validation rows."""
     cache = _disk_cache(cfg, node_key)
-    if cache is not None and (counts := cache.load(COUNTS)) is not None:
-        return tuple(counts)
-    train, val = _site_rows(cfg, node_key)
-    rows = [*get_task(cfg).rows(train), *get_task(cfg).rows(val)]
-    counts = (len(train) + len(val), fdata.fingerprint(rows))
+    if cache is not None and (kept := cache.load(COUNTS)) is not None:
+        rows, fingerprint, report = kept
+        return rows, fingerprint, None if report is None else DataReport(**report)
+    train, val, report = _site_rows(cfg, node_key)
+    fingerprint = fdata.fingerprint([*get_task(cfg).rows(train), *get_task(cfg).rows(val)])
+    counts = (len(train) + len(val), fingerprint, report)
     if cache is not None:
-        cache.save(COUNTS, list(counts))
+        cache.save(COUNTS, [*counts[:2], None if report is None else asdict(report)])
     return counts
 
 
@@ -177,8 +184,9 @@ def _encoded(cfg: Config, node_key: tuple[Any, ...], split: int) -> TensorDatase
 
 def _node_key(node: Mapping[str, Any]) -> tuple[Any, ...]:
     if DATA_PATH in node:
-        return (DATA_PATH, str(node[DATA_PATH]), str(node.get(STATE_DIR, "")))
-    return (PARTITION_ID, int(node[PARTITION_ID]), int(node[NUM_PARTITIONS]))
+        rules = DataRules.from_node(node)
+        return (DATA_PATH, str(node[DATA_PATH]), str(node.get(STATE_DIR, "")), rules)
+    return (PARTITION_ID, int(node[PARTITION_ID]), int(node[NUM_PARTITIONS]), None)
 
 
 def site_train(cfg: Config, node: Mapping[str, Any]) -> TensorDataset:
@@ -204,6 +212,24 @@ def site_row_count(cfg: Config, node: Mapping[str, Any]) -> int:
 def site_fingerprint(cfg: Config, node: Mapping[str, Any]) -> int:
     """48 bits of a hash of the site's rows (see :func:`fedhaven.data.fingerprint`)."""
     return _site_counts(cfg, _node_key(node))[1]
+
+
+def site_data_report(cfg: Config, node: Mapping[str, Any]) -> DataReport | None:
+    """What the checks of the site's own file found (``None``: a simulated partition, or a
+    task without such checks)."""
+    return _site_counts(cfg, _node_key(node))[2]
+
+
+def data_metrics(report: DataReport | None) -> dict[str, float]:
+    """The totals of a site's data checks that go into its reply, for the model card."""
+    if report is None:
+        return {}
+    return {
+        protocol.DATA_ROWS_IN: report.rows_in,
+        protocol.DATA_DROPPED: report.rows_dropped,
+        protocol.DATA_DUPLICATES: report.duplicates,
+        protocol.DATA_SMALL_CLASSES: len(report.below_minimum),
+    }
 
 
 def site_audit_log(node: Mapping[str, Any]) -> AuditLog | None:
@@ -274,6 +300,11 @@ def handle_train(
     prior = json.loads(str(state[LABEL_PRIOR])) if LABEL_PRIOR in state else None
     if prior is None and priors is not None:
         prior = priors.load(cfg, context.run_id)
+    report = site_data_report(cfg, node)
+    if audit is not None and report is not None and DATA_LOGGED not in state:
+        # once per run: the counts of the checks, on the site's disk (state-dir) only
+        audit.record(auditlog.DATA_CHECKED, run_id=context.run_id, **report.to_dict())
+        state[DATA_LOGGED] = True
     if EPSILON_BUDGET in node:  # before any training: a refused round touches nothing
         try:
             check_budget(cfg, node, history, len(train), has_prior=prior is not None)
@@ -330,6 +361,7 @@ def handle_train(
         protocol.SITE_WEIGHT: 1.0,
         protocol.DATA_ROWS: site_row_count(cfg, node),
         protocol.DATA_FINGERPRINT: site_fingerprint(cfg, node),
+        **data_metrics(report),
     }
     if result.epsilon is not None:
         metrics[protocol.EPSILON] = result.epsilon

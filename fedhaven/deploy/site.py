@@ -25,7 +25,16 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedhaven.config import DATA_PATH, DELTA, EPSILON_BUDGET, LORA_RANK, STATE_DIR
+from fedhaven.config import (
+    DATA_PATH,
+    DELTA,
+    EPSILON_BUDGET,
+    LABEL_RULE,
+    LORA_RANK,
+    MIN_PER_CLASS,
+    STATE_DIR,
+)
+from fedhaven.datacheck import DataRules
 from fedhaven.deploy import warm
 from fedhaven.deploy.certs import (
     CA_CERT,
@@ -178,9 +187,12 @@ def node_config(
     epsilon_budget: float | None = None,
     delta: float | None = None,
     lora_rank: int | None = None,
+    rules: DataRules | None = None,
 ) -> str:
     """The SuperNode's ``--node-config``: the site's own settings, for the ClientApp."""
     items: dict[str, str | float] = {DATA_PATH: str(data), STATE_DIR: str(state)}
+    if rules is not None:
+        items[LABEL_RULE], items[MIN_PER_CLASS] = rules.label_rule, rules.min_per_class
     if epsilon_budget is not None:
         items[EPSILON_BUDGET] = float(epsilon_budget)
     if delta is not None:
@@ -287,6 +299,7 @@ def serve(
     epsilon_budget: float | None = None,
     delta: float | None = None,
     lora_rank: int | None = None,
+    rules: DataRules | None = None,
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
     max_wait_s: float = MAX_WAIT_S,
@@ -337,7 +350,7 @@ def serve(
         superlink=coordinator,
         root_certificates=ca,
         private_key=private_key,
-        node_config=node_config(data, state, epsilon_budget, delta, lora_rank),
+        node_config=node_config(data, state, epsilon_budget, delta, lora_rank, rules),
         host=host,
         port=port,
         max_wait_s=max_wait_s,

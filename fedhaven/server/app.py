@@ -108,6 +108,15 @@ def build_strategy(cfg: Config) -> Validated:
     )
 
 
+#: The totals of a site's data checks (fedhaven.datacheck), as the summary names them.
+DATA_CHECKS = {
+    "rows_in": protocol.DATA_ROWS_IN,
+    "dropped": protocol.DATA_DROPPED,
+    "duplicates": protocol.DATA_DUPLICATES,
+    "small_classes": protocol.DATA_SMALL_CLASSES,
+}
+
+
 def _site_rows(
     strategy: Validated, server_round: int, metrics: Sequence[str]
 ) -> dict[str, dict[str, Any]]:
@@ -123,6 +132,7 @@ def _site_rows(
             **{m: ev.get(protocol.METRIC_KEYS[m]) for m in metrics if m != "loss"},
             "rows": train.get(protocol.DATA_ROWS),
             "fingerprint": train.get(protocol.DATA_FINGERPRINT),
+            **{k: train.get(key) for k, key in DATA_CHECKS.items()},
         }
     return rows
 
@@ -528,6 +538,7 @@ def run_server(
                 **{m: row[m] for m in task.metrics if m != "loss"},
                 "rows": row["rows"],
                 "fingerprint": row["fingerprint"],
+                **{k: row.get(k) for k in DATA_CHECKS},  # absent in runs written before them
                 "last_round": line["round"],
             }
     if done:  # Flower numbers a site anew when a run restarts: the same data is the same site

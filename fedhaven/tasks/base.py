@@ -23,7 +23,9 @@ from sklearn.metrics import confusion_matrix, f1_score
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedhaven import data as fdata
 from fedhaven.config import BUNDLED, Config, LoraConfig
+from fedhaven.datacheck import DataReport, DataRules
 from fedhaven.errors import FedhavenError
 
 #: ``model.max-length = 0``: pad to the length that covers this share of a data set's rows,
@@ -100,6 +102,14 @@ class Task(ABC):
     def load(self, path: str, *, split: str = "train", labeled: bool = True) -> Dataset:
         """Read, validate and clean a site's rows (``path == "bundled"``: the demo data).
         ``labeled=False`` (prediction): the target column may be absent."""
+
+    def load_site(
+        self, path: str, rules: DataRules, seed: int
+    ) -> tuple[Dataset, Dataset, DataReport | None]:
+        """A deployed site's own file: its (train, validation) rows, and the report of the
+        checks the site's ``rules`` steer (``None``: this task's data has no such checks)."""
+        train, val = fdata.split_train_val(self.load(path), self.cfg.data.val_fraction, seed)
+        return train, val, None
 
     @abstractmethod
     def encode(self, ds: Dataset) -> TensorDataset:

@@ -26,6 +26,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from fedhaven import data as fdata
 from fedhaven.data import LABEL
+from fedhaven.datacheck import DataReport, DataRules, check_site
 from fedhaven.errors import FedhavenError
 from fedhaven.hf_mean_pooling import mean_pool
 from fedhaven.tasks.base import AUTO_MAX_LENGTH, ClassificationTask, fit_length
@@ -175,6 +176,13 @@ class SeqCls(ClassificationTask):
 
     def load(self, path: str, *, split: str = "train", labeled: bool = True) -> Dataset:
         return fdata.load(path, self.cfg.data, split=split, labeled=labeled)
+
+    def load_site(
+        self, path: str, rules: DataRules, seed: int
+    ) -> tuple[Dataset, Dataset, DataReport | None]:
+        source = f"data file '{path}'"
+        checked = check_site(fdata.read_table(path), self.cfg.data, rules, seed=seed, source=source)
+        return checked.train, checked.val, checked.report
 
     def encode(self, ds: Dataset) -> TensorDataset:
         """Fixed-length tensors: ``(input_ids, attention_mask, label)``, or with a frozen

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
@@ -15,7 +17,7 @@ from test_fedavg import W1, FakeGrid, error_reply, instruction, reply
 from fedhaven import auditlog, protocol
 from fedhaven.auditlog import AUDIT_FILE, AuditLog
 from fedhaven.client.app import EPSILON_BUDGET, STATE_DIR, handle_train
-from fedhaven.config import Config
+from fedhaven.config import DATA_PATH, LABEL_RULE, Config
 from fedhaven.errors import FedhavenError
 from fedhaven.models import adapter_state, build_model
 from fedhaven.strategies import FedAvg
@@ -225,3 +227,34 @@ def test_the_site_records_what_it_sent_and_what_it_refused(
     last = log.entries()[-1]
     assert (last["run_id"], last["round"]) == (7, 2)
     assert last["reason"] == refused.error.reason and "budget exhausted" in last["reason"]
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_a_deployed_site_records_its_data_checks_once_per_run(
+    tiny_cfg: Config, tmp_path: Path, make_rows: Callable[..., pd.DataFrame]
+) -> None:
+    # 30 rows (10 a label), plus a copy of row 0, a "Positive " variant (mapped by the site's
+    # rule) and a label outside the set: 33 in, 31 kept.
+    df = make_rows(30, seed=1)
+    extra = [df.iloc[0].tolist(), ["good relief the", "Positive "], ["the pill", "ecstatic"]]
+    df = pd.concat([df, pd.DataFrame(extra, columns=df.columns)], ignore_index=True)
+    data = tmp_path / "site.csv"
+    df.to_csv(data, index=False)
+    node = {DATA_PATH: str(data), STATE_DIR: str(tmp_path), LABEL_RULE: "map"}
+    context = Context(run_id=7, node_id=1, node_config=node, state=RecordDict(), run_config={})
+    cfg, log = tiny_cfg.replace(**{"privacy.enabled": False}), AuditLog(tmp_path / AUDIT_FILE)
+    for server_round in (1, 2):
+        reply = handle_train(_instruction(cfg, server_round), context, cfg.to_flat())
+    (checked,) = log.entries(auditlog.DATA_CHECKED)  # once, not every round
+    assert checked["run_id"] == 7
+    assert (checked["rows_in"], checked["rows_kept"], checked["labels_mapped"]) == (33, 31, 1)
+    assert checked["dropped"]["exact_duplicate"] == 1
+    assert checked["dropped"]["unknown_label"] == 1
+    assert checked["per_label"] == {"negative": 10, "neutral": 10, "positive": 11}
+    assert "ecstatic" not in (tmp_path / AUDIT_FILE).read_text()  # counts, never content
+    metrics = reply.content[protocol.METRICS]
+    assert metrics[protocol.DATA_ROWS] == 31
+    assert metrics[protocol.DATA_ROWS_IN] == 33
+    assert metrics[protocol.DATA_DROPPED] == 2
+    assert metrics[protocol.DATA_DUPLICATES] == 1
+    assert metrics[protocol.DATA_SMALL_CLASSES] == 0

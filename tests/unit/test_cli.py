@@ -40,7 +40,9 @@ CASES = {
     "lora-r-zero": Case(("--set", "lora.r=0"), "config 'lora.r' = 0 is invalid"),
     "bad-partition": Case(("--partition", "dirichlet:-1"), "config 'data.partition'"),
     "missing-model-dir": Case(("--model", "/nonexistent"), "model directory '/nonexistent'"),
-    "label-not-in-set": Case(("--data", "{bad_labels}"), "label 'ecstatic' is not in"),
+    "label-not-in-set": Case(
+        ("--data", "{bad_labels}"), "1 row with a label not in the configured label set"
+    ),
     "missing-column": Case(("--text-column", "body"), "column 'body' not found"),
     "too-many-sites": Case(("--sites", "500"), "500 sites but only 60 rows"),
     "bracket-in-path": Case(("--data", "{bracket}"), "data[x]/no-such-file.csv' not found"),

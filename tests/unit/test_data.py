@@ -102,7 +102,7 @@ def _bad_file(tmp_path: Path, case: str, make_rows: MakeRows) -> Path:
         ("header-only", "header.csv' has no rows"),
         ("no-text-column", "column 'review' not found"),
         ("no-label-column", "column 'rating' not found"),
-        ("unknown-label", "label 'ecstatic' is not in the configured label set"),
+        ("unknown-label", "1 row with a label not in the configured label set"),
         ("all-empty-text", "empty text"),
         ("bad-parquet", "could not be read"),
     ],

@@ -24,6 +24,8 @@ from test_certs import reissue
 
 from fedhaven.cli import main
 from fedhaven.client.app import DATA_PATH, DELTA, EPSILON_BUDGET, STATE_DIR
+from fedhaven.config import LABEL_RULE, MIN_PER_CLASS
+from fedhaven.datacheck import DataRules
 from fedhaven.deploy import coordinator, site
 from fedhaven.deploy.certs import init_ca, site_keys
 from fedhaven.errors import FedhavenError
@@ -122,6 +124,17 @@ def test_node_config_reads_back_through_flowers_parser(data: str) -> None:
         EPSILON_BUDGET: 8.0,
         DELTA: 1e-5,
     }
+
+
+def test_node_config_carries_the_sites_data_rules() -> None:
+    text = site.node_config(Path("/d.csv"), Path("/s"), rules=DataRules("map", 3))
+    assert parse_config_args([text]) == {
+        DATA_PATH: "/d.csv",
+        STATE_DIR: "/s",
+        LABEL_RULE: "map",
+        MIN_PER_CLASS: 3,
+    }
+    assert DataRules.from_node(parse_config_args([text])) == DataRules("map", 3)
 
 
 def test_node_config_leaves_out_unset_budget() -> None:

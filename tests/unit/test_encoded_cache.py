@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fedhaven.client import app as capp
-from fedhaven.config import DATA_PATH, STATE_DIR, Config
+from fedhaven.config import DATA_PATH, MIN_PER_CLASS, STATE_DIR, Config
 from fedhaven.encoded_cache import CACHE_DIR, cache_key
 from fedhaven.tasks import get_task
 
@@ -36,6 +36,8 @@ def test_the_next_message_loads_the_encoded_rows_instead_of_encoding_again(
     _new_process()
     train, val = capp.site_data(tiny_cfg, site)
     rows, fingerprint = capp.site_row_count(tiny_cfg, site), capp.site_fingerprint(tiny_cfg, site)
+    report = capp.site_data_report(tiny_cfg, site)
+    assert report is not None and report.rows_kept == rows
     assert len(list((Path(site[STATE_DIR]) / CACHE_DIR).glob("*.pt"))) == 3  # 2 splits, counts
 
     _new_process()
@@ -51,6 +53,17 @@ def test_the_next_message_loads_the_encoded_rows_instead_of_encoding_again(
         assert torch.equal(a, b)
     assert capp.site_row_count(tiny_cfg, site) == rows == len(train) + len(val)
     assert capp.site_fingerprint(tiny_cfg, site) == fingerprint
+    assert capp.site_data_report(tiny_cfg, site) == report  # the checks' counts, kept too
+
+
+def test_other_data_rules_at_the_site_name_another_entry(
+    tiny_cfg: Config, site: dict[str, str]
+) -> None:
+    _new_process()
+    capp.site_train(tiny_cfg, site)
+    _new_process()
+    capp.site_train(tiny_cfg, {**site, MIN_PER_CLASS: 1})
+    assert len(list((Path(site[STATE_DIR]) / CACHE_DIR).glob("*.split0.pt"))) == 2
 
 
 def test_a_simulated_site_or_one_without_a_state_dir_writes_nothing(

@@ -153,6 +153,18 @@ def test_report_and_model_card_warn_of_a_class_never_predicted(run_dir: Path) ->
     assert card.index(NEVER_WARNING) < card.index("## Model")
 
 
+def test_model_card_shows_the_sites_data_checks(run_dir: Path) -> None:
+    assert "rows in file" not in _model_card(run_dir)  # no site checked its own file
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    summary["sites"]["17"] |= {"rows": 31, "rows_in": 33, "dropped": 2, "duplicates": 1,
+                               "small_classes": 0}  # fmt: skip
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary))
+    card = _model_card(run_dir)
+    assert "| rows in file | dropped | duplicates removed | classes under minimum |" in card
+    assert "| site 1 | 20 | 31 | - | 33 | 2 | 1 | 0 |" in card  # node 17 numbers first
+    assert "| site 2 | 20 | - | - | - | - | - | - |" in card
+
+
 def test_a_causal_lm_run_has_no_class_warning(run_dir: Path) -> None:
     lm = {"loss": 1.2, "perplexity": 3.3, "exact_match": 0.1, "token_f1": 0.4}
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
