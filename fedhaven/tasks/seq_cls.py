@@ -118,6 +118,16 @@ class SeqCls(ClassificationTask):
     name = "seq-cls"
     inputs = ("input_ids", "attention_mask")
     lora_defaults = ("query,value", "classifier", "-1")
+    hf_auto_class = "AutoModelForSequenceClassification"
+
+    @property
+    def hf_remote_class(self) -> str:  # type: ignore[override]
+        # "cls" is a stock transformers model; "mean" is ours, under the same module names
+        return (
+            "MeanPoolingForSequenceClassification"
+            if self.cfg.model.pooling == "mean"
+            else ("PretrainedWithHead")
+        )
 
     @property
     def peft_task_type(self) -> TaskType | None:  # type: ignore[override]
