@@ -122,12 +122,10 @@ class SeqCls(ClassificationTask):
 
     @property
     def hf_remote_class(self) -> str:  # type: ignore[override]
-        # "cls" is a stock transformers model; "mean" is ours, under the same module names
-        return (
-            "MeanPoolingForSequenceClassification"
-            if self.cfg.model.pooling == "mean"
-            else ("PretrainedWithHead")
-        )
+        # "mean" is ours, under the training-time module names; "cls" is stock transformers
+        if self.cfg.model.pooling == "mean":
+            return "MeanPoolingForSequenceClassification"
+        return "PretrainedWithHead"
 
     @property
     def peft_task_type(self) -> TaskType | None:  # type: ignore[override]
