@@ -10,18 +10,31 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import logging
+import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
+from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from safetensors.torch import save_file
 from torch import nn
 
+from fedhaven import hf_mean_pooling
 from fedhaven.config import Config, from_flat
 from fedhaven.errors import FedhavenError
-from fedhaven.hf_mean_pooling import MeanPoolingForSequenceClassification
+from fedhaven.hf_mean_pooling import (
+    AUTO_CLASS_KEY,
+    BASE_DIR,
+    HEAD_FILE,
+    PRETRAINED_KEY,
+    MeanPoolingForSequenceClassification,
+)
 from fedhaven.tasks import get_task
+
+log = logging.getLogger(__name__)
 
 AdapterState = dict[str, torch.Tensor]
 #: In the names of PEFT's LoRA A and B matrices (A is frozen by the "ffa" rule; A is r × in,
@@ -118,22 +131,117 @@ def set_adapter_state(model: torch.nn.Module, state: AdapterState) -> None:
 RUN_CONFIG_FILE = "fedhaven_config.json"
 
 
+#: The module PEFT names the head in (``modules_to_save``): what ``base/`` keeps as initialised.
+HEAD = "classifier"
+#: What a base directory needs to load with transformers alone (and the adapter on it).
+REMOTE_CODE_FILE = Path(hf_mean_pooling.__file__).name
+BASE_FILES = ("config.json", REMOTE_CODE_FILE, HEAD_FILE)
+
+
 def save_trained(model: PeftModel, cfg: Config, directory: Path) -> None:
-    """The adapter in PEFT format, the tokenizer, and the config that rebuilds the base."""
+    """The adapter in PEFT format, the tokenizer, and the config that rebuilds the base.
+
+    The adapter loads with transformers and peft alone: its ``base_model_name_or_path`` is a
+    real directory (:func:`save_hf_base`), and PEFT's ``auto_mapping``, which would name our
+    training-time class, names the transformers auto class instead.
+    """
+    task = get_task(cfg)
+    peft_config = model.peft_config[model.active_adapter]
+    peft_config.base_model_name_or_path = str(save_hf_base(model, cfg, directory))
     model.save_pretrained(directory)
-    get_task(cfg).save_processor(directory)
+    if peft_config.task_type is None and task.hf_auto_class:
+        saved = copy.deepcopy(peft_config)
+        saved.inference_mode = True  # as PEFT's own save writes it
+        auto = {"base_model_class": task.hf_auto_class, "parent_library": "transformers"}
+        saved.save_pretrained(directory, auto_mapping_dict=auto)
+    task.save_processor(directory)
     (directory / RUN_CONFIG_FILE).write_text(json.dumps(cfg.to_flat(), indent=2) + "\n")
+
+
+def save_hf_base(model: PeftModel, cfg: Config, directory: Path) -> Path:
+    """The absolute directory of the adapter's base model, for transformers alone.
+
+    A task whose pretrained directory is its base as is (causal-lm): that directory. A
+    classifier, whose head and labels the pretrained model lacks: ``directory/base``, the
+    base model's config with the run's labels, the remote code that loads it (the pretrained
+    weights from their own directory, so the adapter directory stays small) and the head as
+    initialised, which the adapter's trained copy (``modules_to_save``) replaces when it has one.
+    """
+    task = get_task(cfg)
+    pretrained = task.model_path().resolve()
+    if task.hf_auto_class is None:
+        return pretrained
+    base = model.get_base_model()
+    labels = cfg.data.label_names
+    hf_config = copy.deepcopy(base.config)
+    hf_config.id2label = dict(enumerate(labels))  # and so num_labels
+    hf_config.label2id = {name: i for i, name in enumerate(labels)}
+    remote = task.hf_remote_class
+    hf_config.architectures = [remote]
+    hf_config.auto_map = {task.hf_auto_class: f"{Path(REMOTE_CODE_FILE).stem}.{remote}"}
+    setattr(hf_config, PRETRAINED_KEY, str(pretrained))
+    setattr(hf_config, AUTO_CLASS_KEY, task.hf_auto_class)
+    # PEFT keeps the head it trains in a copy (modules_to_save): the base's is the initial one
+    head = {
+        name.replace(".original_module.", "."): t.detach().cpu().contiguous()
+        for name, t in base.state_dict().items()
+        if name.startswith(f"{HEAD}.") and ".modules_to_save." not in name
+    }
+    if not head:  # the run's adapter is saved all the same: fedhaven loads it without base/
+        log.warning(
+            "the base model has no '%s' module: base/%s is empty, and loading the adapter "
+            "without fedhaven gets a fresh head unless lora.modules-to-save trains it",
+            HEAD,
+            HEAD_FILE,
+        )
+    out = directory / BASE_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    hf_config.save_pretrained(out)
+    shutil.copyfile(hf_mean_pooling.__file__, out / REMOTE_CODE_FILE)
+    save_file(head, out / HEAD_FILE)
+    return out.resolve()
+
+
+def check_adapter_dir(directory: Path) -> None:
+    """A FedhavenError naming the first file a trained adapter directory lacks.
+
+    ``base/`` is checked where the adapter points at one (adapters saved before it existed
+    have a null ``base_model_name_or_path`` and still load in fedhaven).
+    """
+    fix = "copy the whole adapter directory again from the run's output (RUN/adapter)"
+    if not (directory / RUN_CONFIG_FILE).is_file():
+        raise FedhavenError(
+            f"'{directory}' is not a fedhaven adapter directory (no {RUN_CONFIG_FILE})"
+        )
+    if not (directory / CONFIG_NAME).is_file():
+        raise FedhavenError(f"adapter directory '{directory}' has no {CONFIG_NAME}: {fix}")
+    if not any((directory / w).is_file() for w in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)):
+        raise FedhavenError(
+            f"adapter directory '{directory}' has no adapter weights "
+            f"({SAFETENSORS_WEIGHTS_NAME}): {fix}"
+        )
+    try:
+        base = json.loads((directory / CONFIG_NAME).read_text()).get("base_model_name_or_path")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise FedhavenError(
+            f"'{directory / CONFIG_NAME}' is not a PEFT adapter config: {fix}"
+        ) from e
+    if base is not None and get_task(trained_config(directory)).hf_auto_class:
+        for name in BASE_FILES:
+            if not (directory / BASE_DIR / name).is_file():
+                raise FedhavenError(
+                    f"adapter directory '{directory}' has no {BASE_DIR}/{name}, which loading "
+                    f"it without fedhaven needs: {fix}"
+                )
 
 
 def load_trained(directory: str | Path) -> PeftModel:
     """A trained adapter on its base: ``PeftModel.from_pretrained(build_base(cfg), directory)``.
 
-    With the "cls" head the base is a plain AutoModelForSequenceClassification, so PEFT
-    alone loads it too; the "mean" head needs this (or MeanPoolingClassifier by hand).
+    Without fedhaven, PEFT and transformers load it on ``base/`` (:func:`save_hf_base`).
     """
     d = Path(directory)
-    if not (d / RUN_CONFIG_FILE).is_file():
-        raise FedhavenError(f"'{d}' is not a fedhaven adapter directory (no {RUN_CONFIG_FILE})")
+    check_adapter_dir(d)
     return PeftModel.from_pretrained(build_base(trained_config(d)), d).eval()
 
 

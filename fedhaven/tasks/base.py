@@ -64,6 +64,11 @@ class Task(ABC):
     peft_task_type: ClassVar[TaskType | None] = None
     #: LoRA defaults for "auto": target modules, modules to save, layers.
     lora_defaults: ClassVar[tuple[str, str, str]]
+    #: The transformers auto class that loads the saved base with its head (``base/`` beside
+    #: the adapter); None: the pretrained directory is the base as it is.
+    hf_auto_class: ClassVar[str | None] = None
+    #: The class in the remote-code file (``fedhaven.hf_mean_pooling``) that ``base/`` maps to.
+    hf_remote_class: ClassVar[str] = "PretrainedWithHead"
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg

@@ -240,6 +240,7 @@ def freeze_batch_norm_statistics(model: nn.Module) -> int:
 class ImageCls(ClassificationTask):
     name = "image-cls"
     inputs = ("pixel_values",)
+    hf_auto_class = "AutoModelForImageClassification"
 
     @property
     def lora_defaults(self) -> tuple[str, str, str]:  # type: ignore[override]

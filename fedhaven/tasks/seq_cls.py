@@ -119,6 +119,14 @@ class SeqCls(ClassificationTask):
     name = "seq-cls"
     inputs = ("input_ids", "attention_mask")
     lora_defaults = ("query,value", "classifier", "-1")
+    hf_auto_class = "AutoModelForSequenceClassification"
+
+    @property
+    def hf_remote_class(self) -> str:  # type: ignore[override]
+        # "mean" is ours, under the training-time module names; "cls" is stock transformers
+        if self.cfg.model.pooling == "mean":
+            return "MeanPoolingForSequenceClassification"
+        return "PretrainedWithHead"
 
     @property
     def peft_task_type(self) -> TaskType | None:  # type: ignore[override]
