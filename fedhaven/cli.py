@@ -166,9 +166,17 @@ def simulate(
     resume: Annotated[
         bool, typer.Option("--resume", help="continue the run in --out from its last round")
     ] = False,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="run the sites on this existing Ray cluster (HOST:PORT of its head, as "
+            "'ray start --head' prints it) instead of a Ray started here for the run"
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's logs")] = False,
 ) -> None:
-    """Run N simulated sites on this machine with Flower's simulation engine."""
+    """Run N simulated sites on this machine (or a Ray cluster) with Flower's simulation
+    engine."""
     from fedhaven.config import (
         EPSILON_BUDGET,
         LORA_RANK,
@@ -223,7 +231,7 @@ def simulate(
         logging.getLogger("flwr").setLevel(logging.ERROR)
         hf_logging.disable_progress_bar()
         warnings.filterwarnings("ignore")
-    summary = run(flat, progress=_progress, verbose=verbose, sites=sites)
+    summary = run(flat, progress=_progress, verbose=verbose, sites=sites, ray_address=ray_address)
     _summary_table(summary)
 
 

@@ -64,6 +64,7 @@ STRATEGIES = (
 RESUME_MAY_CHANGE = (
     "federation.resume",
     "federation.round-timeout",
+    "federation.rejoin-wait",
     "federation.out-dir",
     "federation.site-cpus",
 )
@@ -378,6 +379,10 @@ class FederationConfig:
     # Seconds each phase of a round (train, then evaluate) waits for the sites' replies; a
     # site that has not answered by then is left out of that round (Flower's default: 3600).
     round_timeout: float = 600.0
+    # Seconds a round waits, before it picks its sites, for sites of earlier rounds that are
+    # not connected (a site restarted mid-run rejoins once Flower frees its old connection,
+    # about a minute after its last heartbeat). 0 = no wait: a round takes who is there.
+    rejoin_wait: float = 0.0
     # Go on from the checkpoint in out-dir (written after every round) instead of starting
     # over: the run config must be the checkpoint's (resume, round-timeout and out-dir aside).
     resume: bool = False
@@ -389,6 +394,12 @@ class FederationConfig:
             "federation.round-timeout",
             self.round_timeout,
             "must be > 0 seconds",
+        )
+        _require(
+            self.rejoin_wait >= 0,
+            "federation.rejoin-wait",
+            self.rejoin_wait,
+            "must be >= 0 seconds (0: no wait)",
         )
         _require(
             not self.resume or bool(self.out_dir),

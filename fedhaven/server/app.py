@@ -376,6 +376,7 @@ def run_server(
     base.audit = audit
     # federation.min-sites holds in every round, or the run stops (FedhavenError, RUN_STOPPED).
     base.stop_below_minimum = True
+    base.rejoin_wait_s = fed.rejoin_wait
 
     def central_epsilon() -> float | None:
         if accountant is None:

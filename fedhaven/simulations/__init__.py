@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import socket
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
@@ -165,15 +166,67 @@ def update_scale_mod(sites: SiteSettings) -> Mod:
     return mod
 
 
-def backend_config(cfg: Config, cores: int | None = None) -> dict[str, Any]:
+def backend_config(
+    cfg: Config, cores: int | None = None, ray_address: str | None = None
+) -> dict[str, Any]:
     """The Ray backend's settings: each site's actor gets ``federation.site-cpus`` CPUs (at
     most the machine's ``cores``), which Ray turns into its torch threads; the actor loads
-    the base model once and keeps it for every round it serves."""
+    the base model once and keeps it for every round it serves.
+
+    With ``ray_address`` Flower's backend joins that cluster (``ray.init(address=...)``)
+    instead of starting one here: its nodes' CPUs decide how many sites train at once, and
+    at the end the driver only disconnects — the cluster stays up.
+    """
+    if ray_address:  # Ray refuses num_cpus when it joins a cluster: the cluster has its own
+        return {
+            "client_resources": {"num_cpus": cfg.federation.site_cpus, "num_gpus": 0.0},
+            "init_args": {"address": ray_address, "include_dashboard": False},
+        }
     cores = cores or os.cpu_count() or 1
     return {
         "client_resources": {"num_cpus": min(cfg.federation.site_cpus, cores), "num_gpus": 0.0},
         "init_args": {"num_cpus": cores, "include_dashboard": False},
     }
+
+
+#: How long we wait for a Ray cluster's address to answer (ray.init retries for minutes).
+RAY_CONNECT_TIMEOUT_S = 5.0
+
+
+def check_ray_address(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """Fail within ``timeout`` seconds on a Ray address that is malformed or that nothing
+    answers at: ``ray.init`` would retry it for about ten minutes."""
+    host, sep, port = address.strip().rpartition(":")
+    host = host.strip("[]")  # an IPv6 host: [::1]:6379
+    if not (sep and host and port.isdigit() and 0 < int(port) < 65536) or "/" in host:
+        raise FedhavenError(
+            f"--ray-address {address!r} is not HOST:PORT: give the address 'ray start --head' "
+            "prints (e.g. 10.0.0.5:6379), or drop --ray-address"
+        )
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise FedhavenError(
+            f"no Ray cluster at {address}: {reason}; start one with 'ray start --head' or "
+            "drop --ray-address"
+        ) from None
+
+
+#: Run-config keys that name a local path. A cluster's workers do not run in this
+#: directory, so for them a relative path is made absolute here.
+PATH_KEYS = ("model.path", "data.path", "data.test-path", "federation.out-dir")
+
+
+def _absolute(flat: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """``flat`` with the relative paths among ``keys`` made absolute (``bundled`` kept)."""
+    out = dict(flat)
+    for key in keys:
+        value = out.get(key)
+        if isinstance(value, str | Path) and str(value) not in ("", "bundled"):
+            out[key] = os.path.abspath(value)
+    return out
 
 
 def preflight(cfg: Config) -> None:
@@ -190,16 +243,20 @@ def simulate(
     progress: ProgressFn | None = None,
     verbose: bool = False,
     sites: Mapping[str, Any] | None = None,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Run a simulated federation; returns the run's ``summary.json`` content.
 
     ``overrides`` is the run config (flat keys); ``sites`` the sites' own settings
-    (see :func:`site_settings`).
+    (see :func:`site_settings`); ``ray_address`` an existing Ray cluster to run the sites on
+    (``HOST:PORT`` of its head node; ``None``: a local Ray instance for this run only).
     """
+    if ray_address:
+        check_ray_address(ray_address)
     # Flower's import and the Ray actors need process-wide variables: restore the caller's.
     saved = dict(os.environ)
     try:
-        return _simulate(overrides, progress, verbose, sites or {})
+        return _simulate(overrides, progress, verbose, sites or {}, ray_address)
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -210,6 +267,7 @@ def _simulate(
     progress: ProgressFn | None,
     verbose: bool,
     sites: Mapping[str, Any],
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     from flwr.simulation import run_simulation
 
@@ -220,6 +278,10 @@ def _simulate(
     cfg = from_flat(flat)
     if not cfg.federation.out_dir:
         flat["federation.out-dir"] = os.path.join("runs", datetime.now().strftime("%Y%m%d-%H%M%S"))
+        cfg = from_flat(flat)
+    if ray_address:  # the cluster's workers read and write these paths, from another cwd
+        flat = _absolute(flat, PATH_KEYS)
+        sites = _absolute(dict(sites), (STATE_DIR,))
         cfg = from_flat(flat)
     per_site: SiteSettings = site_settings(sites, cfg)
     hostile = {i: s[UPDATE_SCALE] for i, s in per_site.items() if UPDATE_SCALE in s}
@@ -236,7 +298,7 @@ def _simulate(
             flat, per_site, mods=[update_scale_mod(per_site)] if hostile else ()
         ),
         num_supernodes=cfg.federation.sites,
-        backend_config=backend_config(cfg),
+        backend_config=backend_config(cfg, ray_address=ray_address),
     )
     path = os.path.join(cfg.federation.out_dir, SUMMARY_FILE)
     with open(path) as f:

@@ -27,6 +27,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -59,6 +60,9 @@ class Validated(NormBounded):
         self.audit = audit
         #: Stop the run when fewer than ``min_train_nodes`` updates of a round pass.
         self.stop_below_minimum = stop_below_minimum
+        #: Seconds a round waits, before it samples, for sites of earlier rounds that are
+        #: not connected now (a restarted site rejoining); 0: no wait (Flower's sampling).
+        self.rejoin_wait_s = 0.0
         self._expected: dict[str, tuple[int, ...]] = {}
         self._sent_bytes = 0
         # node -> (shapes, bytes) of the tensors sent to it this round: a rule may send each
@@ -87,6 +91,7 @@ class Validated(NormBounded):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self._wait_for_rejoining(server_round, grid)
         self._expected = protocol.shapes(arrays)
         self._sent_bytes = protocol.record_nbytes(arrays)
         messages = list(super().configure_train(server_round, arrays, config, grid))
@@ -103,6 +108,31 @@ class Validated(NormBounded):
         self._seen.update(nodes)
         self._record(auditlog.ROUND_STARTED, round=server_round, nodes=sorted(nodes), sites=new)
         return messages
+
+    def _wait_for_rejoining(self, server_round: int, grid: Grid) -> None:
+        """Wait up to ``rejoin_wait_s`` for the sites sampled before that are not connected.
+
+        A site restarted mid-round is refused by Flower until its old connection's
+        heartbeats lapse, about when that round gives it up; Flower then samples the next
+        round from whoever is connected at that instant, a few seconds before the site is
+        back. A restarted site keeps its node id, so it is recognised when it returns."""
+        if self.rejoin_wait_s <= 0 or not self._seen:
+            return
+        deadline = time.monotonic() + self.rejoin_wait_s
+        missing = self._seen - set(grid.get_node_ids())
+        if missing:
+            log.info("round %d: waiting for sites %s to rejoin", server_round, sorted(missing))
+        while missing and time.monotonic() < deadline:
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            missing = self._seen - set(grid.get_node_ids())
+        if missing:
+            log.warning(
+                "round %d: sites %s did not rejoin within federation.rejoin-wait (%g s): "
+                "the round goes on without them",
+                server_round,
+                sorted(missing),
+                self.rejoin_wait_s,
+            )
 
     def _record(self, event: str, **fields: Any) -> None:
         if self.audit is not None:

@@ -4,6 +4,7 @@ user's files untouched. Each case is a real subprocess (two at a time: imports d
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -56,7 +57,19 @@ CASES = {
     "unknown-site-key": Case(("--set", "sites.budget=8"), "unknown site setting 'sites.budget'"),
     "unknown-preset": Case(("--preset", "poems"), "unknown preset 'poems': use one of digits"),
     "unknown-task": Case(("--task", "poems"), "config 'model.task' = 'poems' is invalid"),
+    "ray-address-malformed": Case(
+        ("--ray-address", "ray-head"), "--ray-address 'ray-head' is not HOST:PORT"
+    ),
+    "no-ray-cluster": Case(
+        ("--ray-address", "{dead}"), "no Ray cluster at {dead}: Connection refused; start one"
+    ),
 }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -83,6 +96,7 @@ def cli_env(
         "tmp": str(tmp),
         "bad_labels": str(bad_labels),
         "bracket": str(tmp / "data[x]" / "no-such-file.csv"),
+        "dead": f"127.0.0.1:{_free_port()}",  # nothing listens there
     }
     watched = [tiny_csv, tiny_test_csv, bad_labels]
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in watched}
@@ -114,7 +128,7 @@ def cli_env(
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         runs = dict(zip(CASES, pool.map(run, CASES.values()), strict=True))
-    return {"runs": runs, "before": before, "cwd": cwd, "out": tmp / "run"}
+    return {"runs": runs, "before": before, "cwd": cwd, "out": tmp / "run", "fill": fill}
 
 
 def test_cli_module_is_runnable() -> None:
@@ -131,7 +145,7 @@ def test_bad_input_exits_2_with_one_error_line(cli_env: dict[str, object], name:
     lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, run.stderr
     assert lines[0].startswith("error:")
-    assert CASES[name].message in lines[0], lines[0]
+    assert CASES[name].message.format(**cli_env["fill"]) in lines[0], lines[0]
 
 
 def test_failed_runs_touch_nothing(cli_env: dict[str, object]) -> None:

@@ -82,6 +82,7 @@ def test_config_is_frozen() -> None:
         ("federation.rounds", 0),
         ("federation.sites", 0),
         ("federation.min-sites", 0),
+        ("federation.rejoin-wait", -1.0),
         ("data.partition", "dirichlet:-1"),
         ("data.partition", "dirichlet:0"),
         ("data.partition", "dirichlet:abc"),

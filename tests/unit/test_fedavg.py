@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -223,3 +225,48 @@ def test_round_stats_report_update_norms_against_the_adapter_sent() -> None:
     strategy.aggregate_train(1, replies)
     assert strategy.round_stats[1]["update_norm_median"] == pytest.approx(2.0)
     assert strategy.round_stats[1]["update_norm_max"] == pytest.approx(10.0)
+
+
+class RejoiningGrid(FakeGrid):
+    """Node ids that change as the round asks: ``steps[i]`` on the i-th call, then the last."""
+
+    def __init__(self, steps: list[list[int]]) -> None:
+        super().__init__(steps[0])
+        self.steps, self.calls = steps, 0
+
+    def get_node_ids(self) -> list[int]:
+        self.calls += 1
+        return list(self.steps[min(self.calls - 1, len(self.steps) - 1)])
+
+
+def _nodes(messages: object) -> list[int]:
+    return sorted(m.metadata.dst_node_id for m in messages)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("wait_s", [0.0, 5.0])
+def test_a_round_waits_for_a_site_of_an_earlier_round_to_rejoin(wait_s: float) -> None:
+    strategy = FedAvg(min_available_nodes=2, min_train_nodes=2)
+    strategy.rejoin_wait_s = wait_s
+    sent = ArrayRecord({"w": torch.zeros(2, 2)})
+    assert _nodes(strategy.configure_train(1, sent, ConfigRecord(), FakeGrid([1, 2, 3]))) == [
+        1,
+        2,
+        3,
+    ]
+    # site 3 was restarted: gone at first, back a moment later with the same node id
+    grid = RejoiningGrid([[1, 2], [1, 2], [1, 2, 3]])
+    t0 = time.monotonic()
+    nodes = _nodes(strategy.configure_train(2, sent, ConfigRecord(), grid))
+    assert nodes == ([1, 2, 3] if wait_s else [1, 2])
+    assert time.monotonic() - t0 < 4  # it waited for site 3, not for the whole wait
+
+
+def test_the_rejoin_wait_is_bounded() -> None:
+    strategy = FedAvg(min_available_nodes=2, min_train_nodes=2)
+    strategy.rejoin_wait_s = 0.3
+    sent = ArrayRecord({"w": torch.zeros(2, 2)})
+    list(strategy.configure_train(1, sent, ConfigRecord(), FakeGrid([1, 2, 3])))
+    t0 = time.monotonic()
+    nodes = _nodes(strategy.configure_train(2, sent, ConfigRecord(), FakeGrid([1, 2])))
+    assert nodes == [1, 2]  # site 3 never came back: the round goes on without it
+    assert 0.3 <= time.monotonic() - t0 < 2

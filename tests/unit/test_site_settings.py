@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import socket
+import time
+from pathlib import Path
+
 import pytest
 
 from fedhaven.client.app import DELTA, EPSILON_BUDGET, STATE_DIR
 from fedhaven.config import Config
 from fedhaven.errors import FedhavenError
-from fedhaven.simulations import backend_config, site_settings
+from fedhaven.simulations import (
+    PATH_KEYS,
+    _absolute,
+    backend_config,
+    check_ray_address,
+    site_settings,
+)
 
 
 def _cfg(sites: int = 3) -> Config:
@@ -61,3 +71,50 @@ def test_each_simulated_site_gets_its_cpus_at_most_the_machines(
 def test_site_cpus_below_one_is_refused() -> None:
     with pytest.raises(FedhavenError, match=r"config 'federation.site-cpus' = 0 is invalid"):
         _cfg().replace(**{"federation.site-cpus": 0})
+
+
+def test_on_a_ray_cluster_the_cluster_decides_the_cpus() -> None:
+    # ray.init refuses num_cpus when it joins a cluster, and the cluster's nodes, not this
+    # machine, bound a site's CPUs (Flower fits its actors to each node)
+    cfg = _cfg().replace(**{"federation.site-cpus": 4})
+    backend = backend_config(cfg, cores=2, ray_address="10.0.0.5:6379")
+    assert backend["init_args"]["address"] == "10.0.0.5:6379"
+    assert "num_cpus" not in backend["init_args"]
+    assert backend["client_resources"] == {"num_cpus": 4, "num_gpus": 0.0}
+
+
+@pytest.mark.parametrize("address", ["localhost", "ray://10.0.0.5:10001", ":6379", "h:0", "h:x"])
+def test_a_malformed_ray_address_is_refused(address: str) -> None:
+    with pytest.raises(FedhavenError, match=r"is not HOST:PORT: give the address 'ray start"):
+        check_ray_address(address)
+
+
+def test_a_ray_address_nothing_answers_at_fails_in_bounded_time() -> None:
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for address, timeout in ((f"127.0.0.1:{port}", 5.0), ("198.51.100.1:6379", 0.5)):
+        t0 = time.monotonic()
+        with pytest.raises(FedhavenError, match=rf"^no Ray cluster at {address}: .+; start one"):
+            check_ray_address(address, timeout=timeout)  # 198.51.100.1: TEST-NET-2, unroutable
+        assert time.monotonic() - t0 < timeout + 1
+
+
+def test_a_listening_ray_address_passes() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        check_ray_address(f"127.0.0.1:{s.getsockname()[1]}")
+
+
+def test_cluster_runs_get_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    flat = {"data.path": "d/train.csv", "model.path": "bundled", "federation.out-dir": "runs/x"}
+    flat |= {"data.test-path": str(tmp_path / "t.csv"), "lora.r": 4}
+    out = _absolute(flat, PATH_KEYS)
+    assert out == {
+        **flat,
+        "data.path": str(tmp_path / "d" / "train.csv"),
+        "federation.out-dir": str(tmp_path / "runs" / "x"),
+    }
+    assert flat["data.path"] == "d/train.csv"  # the caller's mapping is left as it was
