@@ -59,6 +59,9 @@ class Validated(NormBounded):
         self.audit = audit
         #: Stop the run when fewer than ``min_train_nodes`` updates of a round pass.
         self.stop_below_minimum = stop_below_minimum
+        #: Under secure aggregation every reply carries the round's aggregate, not a site's
+        #: update (fedhaven.strategies.secagg): no per-site norms to report.
+        self.secure_aggregation = False
         self._expected: dict[str, tuple[int, ...]] = {}
         self._sent_bytes = 0
         # node -> (shapes, bytes) of the tensors sent to it this round: a rule may send each
@@ -239,7 +242,7 @@ class Validated(NormBounded):
         it touches the replies (clips them, say), and hands :meth:`aggregate_train` the
         replies it returned (or none at all): they are not screened twice."""
         accepted = self._accept(server_round, replies, train=True)
-        norms = self.update_norms(accepted)
+        norms = [] if self.secure_aggregation else self.update_norms(accepted)
         # before the rule: Flower's FedMedian and FedTrimmedAvg pop the arrays from the replies
         self.round_stats[server_round] = {
             "bytes_sent": sum(
