@@ -71,6 +71,13 @@ RESUME_MAY_CHANGE = (
 #: Rules whose server side is the plain average that central DP's sensitivity bound assumes
 #: (FedProx changes only the sites' local objective).
 CENTRAL_DP_STRATEGIES = ("fedavg", "ffa", "fedprox")
+#: Rules whose server side needs only the sites' weighted mean, which is all that SecAgg+
+#: reveals (fedadam/fedyogi take their server step from that mean); the robust rules and
+#: flexlora need each site's own tensors.
+SECURE_AGGREGATION_STRATEGIES = ("fedavg", "ffa", "fedprox", "fedadam", "fedyogi")
+#: Central DP modes that clip at the site, before the update is masked; server-side
+#: clipping needs each site's update in the clear.
+SECURE_AGGREGATION_CENTRAL = ("off", "client-fixed", "client-adaptive")
 
 
 def _require(ok: bool, key: str, value: Any, fix: str) -> None:
@@ -386,9 +393,28 @@ class FederationConfig:
     # Go on from the checkpoint in out-dir (written after every round) instead of starting
     # over: the run config must be the checkpoint's (resume, round-timeout and out-dir aside).
     resume: bool = False
+    # Flower's SecAgg+: the coordinator learns only the sites' weighted mean of each round,
+    # never one site's tensors (fedhaven.strategies.secagg).
+    secure_aggregation: bool = False
+    # SecAgg+ quantises each site's weighted tensors, w·x with w = weight / max-weight, to
+    # 2^22 levels over [-clip, +clip]: every |w·x| must lie within it (a site refuses its
+    # update otherwise), and the error of the mean grows with clip / (sum of the w): keep clip
+    # small and max-weight near the largest site's example count (the weight is 1 per site
+    # under central DP, where max-weight is ignored).
+    secagg_clip: float = 8.0
+    secagg_max_weight: float = 1000.0
 
     def __post_init__(self) -> None:
         _require(self.rounds >= 1, "federation.rounds", self.rounds, "must be >= 1")
+        _require(self.secagg_clip > 0, "federation.secagg-clip", self.secagg_clip, "must be > 0")
+        _require(
+            self.secagg_max_weight > 0,
+            "federation.secagg-max-weight",
+            self.secagg_max_weight,
+            "must be > 0",
+        )
+        if self.secure_aggregation:
+            self._check_secure_aggregation()
         _require(
             self.round_timeout > 0,
             "federation.round-timeout",
@@ -475,6 +501,35 @@ class FederationConfig:
             "must be >= 0 (0 turns it off)",
         )
 
+    def _check_secure_aggregation(self) -> None:
+        """What SecAgg+ cannot serve: rules and checks that need each site's own tensors."""
+        _require(
+            self.strategy in SECURE_AGGREGATION_STRATEGIES,
+            "federation.strategy",
+            self.strategy,
+            "secure aggregation reveals only the sites' mean, this rule needs each site's "
+            f"update: use {', '.join(SECURE_AGGREGATION_STRATEGIES)}, or "
+            "federation.secure-aggregation = false",
+        )
+        for key, value in (
+            ("federation.update-norm-bound", self.update_norm_bound),
+            ("federation.max-update-norm", self.max_update_norm),
+        ):
+            _require(
+                value == 0,
+                key,
+                value,
+                "the coordinator cannot see a site's update under secure aggregation: set it "
+                "to 0, or federation.secure-aggregation = false",
+            )
+        _require(
+            min(self.min_sites, self.sites) >= 2,
+            "federation.min-sites",
+            self.min_sites,
+            "SecAgg+ masks each update with the other sites': it needs at least 2 sites per "
+            "round (federation.sites and federation.min-sites >= 2)",
+        )
+
 
 @dataclass(frozen=True)
 class Config:
@@ -487,6 +542,13 @@ class Config:
 
     def __post_init__(self) -> None:
         central, fed = self.privacy.central, self.federation
+        _require(
+            not fed.secure_aggregation or central in SECURE_AGGREGATION_CENTRAL,
+            "privacy.central",
+            central,
+            "server-side clipping needs each site's update, which secure aggregation hides: "
+            "use 'client-fixed' or 'client-adaptive', or federation.secure-aggregation = false",
+        )
         if central == "off":
             return
         _require(

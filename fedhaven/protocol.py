@@ -4,14 +4,24 @@ adapter tensors <-> ``ArrayRecord`` conversion.
 No other module spells a message key. A site's reply carries exactly one ``ArrayRecord``
 (the adapter + head tensors, train replies only) and one ``MetricRecord`` whose keys are in
 :data:`TRAIN_METRICS` / :data:`EVALUATE_METRICS`; nothing else leaves a site.
+
+Under secure aggregation (``federation.secure-aggregation``) a training round is Flower's
+SecAgg+ exchange, whose messages have the shape of Flower's legacy ``fit``: the allow-list
+then admits, per stage, only what Flower's ``secaggplus_mod`` sends (:data:`SECAGG_REPLY`:
+public keys, encrypted key shares, the masked vector, key shares), and with the masked
+vector the legacy ``fitres`` records holding the allow-listed metrics and no tensor.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
 # Record names inside a Message's RecordDict (Flower strategies take them as arguments).
@@ -170,3 +180,99 @@ def check_reply(
 
 def train_config(server_round: int) -> ConfigRecord:
     return ConfigRecord({SERVER_ROUND: server_round})
+
+
+# --- secure aggregation (Flower's SecAgg+) ---------------------------------------------------
+
+#: The ConfigRecord of every SecAgg+ message (Flower's name), and its stage key.
+SECAGG = RECORD_KEY_CONFIGS
+SECAGG_STAGE = Key.STAGE
+# Config keys of a SecAgg+ round's fit instructions: legacy Parameters carry no names, so the
+# adapter's tensor names go along in order (one string, a name a line: a legacy config holds
+# no lists); and the metric that weighs the site's update
+# (num-examples, or site-weight under central DP), which Flower's mod reads as num_examples.
+ARRAY_KEYS = "array-keys"
+SECAGG_WEIGHT = "secagg-weight"
+#: Stage -> the keys a site's SecAgg+ reply may carry in :data:`SECAGG`.
+SECAGG_REPLY = {
+    Stage.SETUP: frozenset({Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2}),
+    Stage.SHARE_KEYS: frozenset({Key.DESTINATION_LIST, Key.CIPHERTEXT_LIST}),
+    Stage.COLLECT_MASKED_VECTORS: frozenset({Key.MASKED_PARAMETERS}),
+    Stage.UNMASK: frozenset({Key.NODE_ID_LIST, Key.SHARE_LIST}),
+}
+# Flower's legacy fit records (flwr.compat.common.recorddict_compat spells them).
+_FITRES = "fitres"
+FITRES_PARAMETERS = f"{_FITRES}.parameters"
+FITRES_METRICS = f"{_FITRES}.metrics"
+FITRES_NUM_EXAMPLES = f"{_FITRES}.num_examples"
+FITRES_STATUS = f"{_FITRES}.status"
+
+
+def legacy_fit_ins(content: RecordDict, weight_key: str) -> FitIns:
+    """A train instruction (:data:`ARRAYS`, :data:`CONFIG`) as Flower's legacy ``FitIns``,
+    which SecAgg+ sends to a site with its key shares."""
+    arrays = content[ARRAYS]
+    config = {**content[CONFIG], ARRAY_KEYS: "\n".join(arrays.keys()), SECAGG_WEIGHT: weight_key}
+    return FitIns(ndarrays_to_parameters([a.numpy() for a in arrays.values()]), config)
+
+
+def from_legacy_fit_ins(content: RecordDict) -> tuple[RecordDict, list[str], str]:
+    """The site's side of :func:`legacy_fit_ins`: the train instruction, the tensor names in
+    the order the masked vector must follow, and the metric that weighs the update."""
+    fitins = compat.recorddict_to_fitins(content, keep_input=True)
+    config = dict(fitins.config)
+    keys, weight_key = str(config.pop(ARRAY_KEYS)).split("\n"), str(config.pop(SECAGG_WEIGHT))
+    arrays = parameters_to_ndarrays(fitins.parameters)
+    if len(keys) != len(arrays):
+        raise ValueError(f"{len(arrays)} tensors came with {len(keys)} names")
+    record = ArrayRecord({k: Array(a) for k, a in zip(keys, arrays, strict=True)})
+    return RecordDict({ARRAYS: record, CONFIG: ConfigRecord(config)}), keys, weight_key  # type: ignore[arg-type]
+
+
+def legacy_fit_res(content: RecordDict, keys: list[str], weight_key: str) -> RecordDict:
+    """A train reply as Flower's legacy ``FitRes`` records, the tensors in the order ``keys``
+    (what Flower's ``secaggplus_mod`` masks), weighted by the metric ``weight_key``."""
+    arrays, metrics = content[ARRAYS], dict(content[METRICS])
+    fitres = FitRes(
+        Status(Code.OK, ""),
+        ndarrays_to_parameters([arrays[k].numpy() for k in keys]),
+        int(metrics[weight_key]),  # type: ignore[arg-type]
+        metrics,  # type: ignore[arg-type]
+    )
+    return compat.fitres_to_recorddict(fitres, keep_input=True)
+
+
+def from_legacy_aggregate(
+    aggregate: list[np.ndarray], sent: ArrayRecord, metrics: Mapping[str, float]
+) -> RecordDict:
+    """The coordinator's side: SecAgg+'s dequantised mean (float64, in the order sent) as a
+    train reply's content, with the names and dtypes of the tensors sent."""
+    record = ArrayRecord(
+        {
+            k: Array(np.asarray(a, dtype=s.numpy().dtype))
+            for (k, s), a in zip(sent.items(), aggregate, strict=True)
+        }
+    )
+    return RecordDict({ARRAYS: record, METRICS: MetricRecord(dict(metrics))})
+
+
+def check_secagg_reply(content: RecordDict, stage: str) -> None:
+    """Raise ``ValueError`` unless a SecAgg+ reply of ``stage`` holds only what the protocol
+    sends: its :data:`SECAGG` keys, and with the masked vector the legacy fit records of
+    allow-listed metrics and an empty tensor record (Flower's mod clears it)."""
+    allowed = {SECAGG}
+    if stage == Stage.COLLECT_MASKED_VECTORS:
+        allowed |= {FITRES_PARAMETERS, FITRES_METRICS, FITRES_NUM_EXAMPLES, FITRES_STATUS}
+    extra = set(content.keys()) - allowed
+    if extra:
+        raise ValueError(f"secure aggregation reply carries records {sorted(extra)}")
+    keys = set(content[SECAGG].keys()) if SECAGG in content else set()
+    if keys != SECAGG_REPLY.get(stage):
+        raise ValueError(f"secure aggregation reply of stage '{stage}' carries {sorted(keys)}")
+    if stage != Stage.COLLECT_MASKED_VECTORS:
+        return
+    if len(content[FITRES_PARAMETERS]):
+        raise ValueError("secure aggregation reply carries unmasked tensors")
+    bad = set(content[FITRES_METRICS].keys()) - TRAIN_METRICS
+    if bad:
+        raise ValueError(f"reply carries metrics outside the allow-list: {sorted(bad)}")

@@ -35,7 +35,7 @@ from torch.utils.data import TensorDataset
 from fedhaven import auditlog, protocol
 from fedhaven import data as fdata
 from fedhaven.auditlog import AuditLog
-from fedhaven.client.mods import allowlist_mod, central_clipping_mod
+from fedhaven.client.mods import allowlist_mod, central_clipping_mod, secure_aggregation_mod
 from fedhaven.config import (
     DATA_PATH,
     DELTA,
@@ -417,8 +417,9 @@ def make_client_app(
     """
     fixed = dict(overrides or {})
     # Every reply passes the outgoing allow-list on its way out of the site, after the
-    # clipping that central DP with client-side clipping asks for.
-    client = ClientApp(mods=[*mods, allowlist_mod, central_clipping_mod])
+    # clipping that central DP with client-side clipping asks for. Outermost: SecAgg+, for
+    # the rounds the coordinator runs under secure aggregation (it masks what passed).
+    client = ClientApp(mods=[secure_aggregation_mod, *mods, allowlist_mod, central_clipping_mod])
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:

@@ -53,6 +53,7 @@ from fedhaven.report import (
     write_report,
 )
 from fedhaven.strategies import STRATEGIES, Validated, central_dp
+from fedhaven.strategies.secagg import SecureAggregationGrid
 from fedhaven.tasks import get_task
 from fedhaven.training import default_device, evaluate
 
@@ -377,6 +378,17 @@ def run_server(
     # federation.min-sites holds in every round, or the run stops (FedhavenError, RUN_STOPPED).
     base.stop_below_minimum = True
     base.rejoin_wait_s = fed.rejoin_wait
+    secure: SecureAggregationGrid | None = None
+    if fed.secure_aggregation:  # the train rounds run as Flower's SecAgg+
+        central = cfg.privacy.central != "off"
+        grid = secure = SecureAggregationGrid(
+            grid,
+            weight_key=base.weighted_by_key,
+            max_weight=1.0 if central else fed.secagg_max_weight,  # site-weight is 1
+            clip=fed.secagg_clip,
+            timeout=fed.round_timeout,
+        )
+        base.secure_aggregation = True
 
     def central_epsilon() -> float | None:
         if accountant is None:
@@ -409,6 +421,7 @@ def run_server(
         sites=fed.sites,
         min_sites=base.min_train_nodes,
         central_dp=cfg.privacy.central,
+        secure_aggregation=fed.secure_aggregation,
         resumed_after_round=done or None,
     )
     latest = {"arrays": initial}  # the global adapter after the last round evaluated
@@ -436,6 +449,8 @@ def run_server(
             "max_epsilon": max(eps, default=None),
             "central_epsilon": central_epsilon(),
             **base.round_stats.get(server_round, {}),
+            # under SecAgg+: the bytes its messages carried, in place of the tensors'
+            **(secure.traffic.get(server_round, {}) if secure else {}),
             "sites": sites,
         }
         history.append(line)

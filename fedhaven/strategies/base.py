@@ -63,6 +63,9 @@ class Validated(NormBounded):
         #: Seconds a round waits, before it samples, for sites of earlier rounds that are
         #: not connected now (a restarted site rejoining); 0: no wait (Flower's sampling).
         self.rejoin_wait_s = 0.0
+        #: Under secure aggregation every reply carries the round's aggregate, not a site's
+        #: update (fedhaven.strategies.secagg): no per-site norms to report.
+        self.secure_aggregation = False
         self._expected: dict[str, tuple[int, ...]] = {}
         self._sent_bytes = 0
         # node -> (shapes, bytes) of the tensors sent to it this round: a rule may send each
@@ -269,7 +272,7 @@ class Validated(NormBounded):
         it touches the replies (clips them, say), and hands :meth:`aggregate_train` the
         replies it returned (or none at all): they are not screened twice."""
         accepted = self._accept(server_round, replies, train=True)
-        norms = self.update_norms(accepted)
+        norms = [] if self.secure_aggregation else self.update_norms(accepted)
         # before the rule: Flower's FedMedian and FedTrimmedAvg pop the arrays from the replies
         self.round_stats[server_round] = {
             "bytes_sent": sum(
