@@ -346,6 +346,7 @@ def test_the_run_identity_ignores_exactly_what_a_resume_may_change(tiny_cfg: Con
     changed = {
         "federation.resume": True,
         "federation.round-timeout": 5.0,
+        "federation.rejoin-wait": 30.0,
         "federation.out-dir": "elsewhere",
         "federation.site-cpus": 1,
     }
