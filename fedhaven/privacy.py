@@ -10,12 +10,10 @@ What a site keeps on its own disk (its state directory) lives here too: the priv
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from fedhaven.config import RESUME_MAY_CHANGE, Config, PrivacyConfig
 from fedhaven.errors import FedhavenError
+from fedhaven.fileio import write_atomic
 
 
 @dataclass
@@ -320,27 +319,5 @@ class PriorStore:
     def save(self, cfg: Config, run_id: int, prior: list[float]) -> None:
         """Keep ``prior`` as this run's: on disk (fsync'ed) when this returns."""
         entry = {"run_identity": run_identity(cfg), "run_id": run_id, "prior": prior}
-        _write_atomic(self.path, json.dumps(entry) + "\n")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """``path`` holds the old text or the whole new one, never a part: a temporary file in
-    the same directory, fsync'ed, renamed over it, and the directory fsync'ed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # not every platform opens directories
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.path, lambda f: f.write((json.dumps(entry) + "\n").encode()))
