@@ -66,6 +66,7 @@ GAVE_UP = "Giving up reconnection"
 #: Seconds between tries when the coordinator refuses to activate the site's key.
 ACTIVATION_RETRY_S = 10.0
 CONNECTED = "SuperNode ID:"
+TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # seconds; Flower 1.42 reads it
 # OpenSSL's verify codes (X509_V_ERR_*) that have a fix of their own
 _CERT_NOT_YET_VALID, _CERT_EXPIRED, _NAME_MISMATCH = 9, 10, (62, 64)  # 64: an IP address
 INSECURE_WARNING = (
@@ -358,6 +359,9 @@ def serve(
     )
     deadline = time.monotonic() + max_wait_s
     env = flower_env(flwr_home)
+    # Flower's SuperExec looks for a message to start every second by default; a tenth of
+    # that costs nothing next to training and takes ~0.45 s off each message's wait.
+    env.setdefault(TASK_POLL_ENV, "0.1")
     with interrupt_on_signals(), contextlib.ExitStack() as stack:
         if warm_start:
             env = stack.enter_context(_warm_start(env))
