@@ -16,12 +16,20 @@ from typing import Any
 import pandas as pd
 import psutil
 import pytest
-from deploy_helpers import Processes, free_port, make_pki, offline_env, tiny_run_config
+from deploy_helpers import (
+    Processes,
+    audit_events,
+    free_port,
+    make_pki,
+    offline_env,
+    tiny_run_config,
+)
 
+from fedhaven import auditlog
 from fedhaven.deploy import warm
 from fedhaven.deploy.certs import site_keys
 from fedhaven.privacy import LEDGER_FILE
-from fedhaven.report import DEPLOYMENT, SUMMARY_FILE
+from fedhaven.report import DEPLOYMENT, METRICS_FILE, SUMMARY_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -60,6 +68,14 @@ def deployment(
         )
         out["flwr_run_code"] = run.wait(420)
         out["run_s"] = time.monotonic() - t1
+        # the same federation, a second run under SecAgg+ (both sites stay connected)
+        secure = tiny_run_config(
+            tmp,
+            tiny_model_dir,
+            **{"federation.rounds": 1, "federation.secure-aggregation": True},
+            **{"federation.out-dir": str(tmp / "run-secure")},
+        )
+        out["secure_code"] = procs.flwr_run(run_line, secure, "flwr-run-secure").wait(420)
 
         try:
             out["intruder_code"] = procs.procs["intruder"].wait(60)
@@ -91,14 +107,27 @@ def test_run_completes_on_the_deployment_engine(deployment: dict[str, Any]) -> N
     assert len(summary["sites"]) == 2
 
 
-def test_each_site_ledger_has_one_round(deployment: dict[str, Any]) -> None:
+def test_each_site_ledger_has_one_round_per_run(deployment: dict[str, Any]) -> None:
     tmp: Path = deployment["tmp"]
     for name in ("site-a", "site-b"):
         ledger = tmp / f"state-{name}" / LEDGER_FILE
         assert ledger.is_file(), deployment["procs"].log(name)[-3000:]
         entries = [json.loads(line) for line in ledger.read_text().splitlines() if line]
-        assert len(entries) == 1
+        assert len(entries) == 2 and entries[0]["run_id"] != entries[1]["run_id"]
         assert (tmp / f"state-{name}").stat().st_mode & 0o077 == 0  # created 0700
+
+
+def test_a_deployed_run_under_secure_aggregation_completes(deployment: dict[str, Any]) -> None:
+    run_dir: Path = deployment["tmp"] / "run-secure"
+    assert deployment["secure_code"] == 0, deployment["procs"].log("flwr-run-secure")[-3000:]
+    (started,) = audit_events(run_dir, auditlog.RUN_STARTED)
+    assert started["secure_aggregation"] is True
+    accepted = audit_events(run_dir, auditlog.REPLY_ACCEPTED)
+    # one train reply per site (each the unmasked mean of both), then their evaluations
+    assert sorted(e["kind"] for e in accepted) == ["evaluate", "evaluate", "train", "train"]
+    (line,) = [json.loads(x) for x in (run_dir / METRICS_FILE).read_text().splitlines()]
+    # SecAgg+'s four stages carried bytes both ways, counted by the coordinator
+    assert line["bytes_sent"] > 0 and line["bytes_received"] > 0
 
 
 def test_warm_site_ran_its_messages_in_forks_and_the_cold_one_did_not(
