@@ -12,7 +12,8 @@ ClientApp's loading), the handler's time, and the training's. A message's overhe
 everything but the training, from the round's start at the coordinator to the reply leaving
 the site. Sites run warm by default; ``--cold`` adds the same deployment with
 ``fedhaven site --cold-start`` (a new interpreter per message, as Flower starts it).
-Extra arguments go to both runs' config (e.g. ``--rounds 2``).
+Extra arguments go to both runs' config (e.g. ``--rounds 2``). On one box the
+sites share its cores: each runs ``cores // sites`` torch threads (at least one).
 """
 
 from __future__ import annotations
@@ -144,12 +145,16 @@ def deployed_run(
             .splitlines()[0]
         )
         states = []
+        # One box stands in for a machine per site: the sites share its cores, as the
+        # simulation's actors do (Ray gives each its site-cpus), instead of each running as
+        # many torch threads as the box has cores.
+        threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(names)))}
         for name, data in zip(names, files, strict=True):
             states.append(root / f"state-{name}")
             flags = ["--coordinator", f"127.0.0.1:{port}", "--certs", "pki/ca.crt"]
             flags += ["--key", f"keys/{name}.key", "--data", str(data), "--state", str(states[-1])]
             flags += ["--port", str(_free_port()), *(["--cold-start"] if cold else [])]
-            dep.start(name, [*FEDHAVEN, "site", *flags])
+            dep.start(name, [*FEDHAVEN, "site", *flags], {**dep.env, **threads})
         for name in names:
             _wait_for(root / f"{name}.log", "SuperNode ID:", dep.procs[name], 300)
             if not cold:
