@@ -76,6 +76,19 @@ def check_utf8(path: Path) -> None:
             ) from None
 
 
+def require_columns(
+    ds: Dataset, needed: Iterable[tuple[str, str]], source: str, hint: str = " (--{key})"
+) -> None:
+    """Each ``(column, config key)`` of ``needed`` is in ``ds``, or one line naming the key to
+    set (``hint``: how to set it from the command line, ``{key}`` filled in)."""
+    for col, key in needed:
+        if col not in ds.column_names:
+            raise FedhavenError(
+                f"{source}: column '{col}' not found (columns: {', '.join(ds.column_names)}): "
+                f"set data.{key}{hint.format(key=key)} to the right column"
+            )
+
+
 def bundled_drug_reviews(split: str) -> Dataset:
     """UCI Drug Review (Drugs.com) subset, CC BY 4.0: ``split`` is "train" (600) or "test" (379).
 

@@ -36,7 +36,14 @@ import pandas as pd
 from datasets import Dataset, Value
 
 from fedhaven.config import LABEL_RULE, MIN_PER_CLASS, DataConfig
-from fedhaven.data import LABEL, TEXT, clean_text, split_indices, split_train_val
+from fedhaven.data import (
+    LABEL,
+    TEXT,
+    clean_text,
+    require_columns,
+    split_indices,
+    split_train_val,
+)
 from fedhaven.errors import FedhavenError
 
 log = logging.getLogger(__name__)
@@ -210,12 +217,7 @@ def check_schema(ds: Dataset, cfg: DataConfig, source: str, labeled: bool) -> bo
     has_label = labeled or cfg.label_column in ds.column_names
     if has_label:
         needed.append((cfg.label_column, "label-column"))
-    for col, key in needed:
-        if col not in ds.column_names:
-            raise FedhavenError(
-                f"{source}: column '{col}' not found (columns: {', '.join(ds.column_names)}): "
-                f"set data.{key} (--{key}) to the right column"
-            )
+    require_columns(ds, needed, source)
     text_type = ds.features[cfg.text_column]
     dtype = text_type.dtype if isinstance(text_type, Value) else type(text_type).__name__
     if dtype not in (*_TEXT_TYPES, "null"):  # null: every cell empty, the empty-text check's

@@ -169,12 +169,7 @@ def prepare(
     needed = [(prompt_col, "prompt-column")]
     if labeled:
         needed.append((response_col, "response-column"))
-    for col, key in needed:
-        if col not in ds.column_names:
-            raise FedhavenError(
-                f"{source}: column '{col}' not found (columns: {', '.join(ds.column_names)}): "
-                f"set data.{key} (--set data.{key}=NAME) to the right column"
-            )
+    fdata.require_columns(ds, needed, source, hint=" (--set data.{key}=NAME)")
     df = ds.to_pandas()
     df[PROMPT] = df[prompt_col].map(_as_text)
     if labeled:

@@ -41,7 +41,7 @@ from transformers import (
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
 from fedhaven.config import AUTO, BUNDLED, from_flat
-from fedhaven.data import LABEL, read_table
+from fedhaven.data import LABEL, read_table, require_columns
 from fedhaven.errors import FedhavenError
 from fedhaven.tasks.base import ClassificationTask
 
@@ -356,12 +356,7 @@ class ImageCls(ClassificationTask):
         needed = [(data.image_column, "image-column")]
         if labeled or data.label_column in ds.column_names:
             needed.append((data.label_column, "label-column"))
-        for col, key in needed:
-            if col not in ds.column_names:
-                raise FedhavenError(
-                    f"{source}: column '{col}' not found (columns: {', '.join(ds.column_names)}):"
-                    f" set data.{key} to the right column"
-                )
+        require_columns(ds, needed, source, hint="")
         base = p.expanduser().resolve().parent
         images = []
         for v in ds[data.image_column]:
