@@ -31,6 +31,7 @@ from fedhaven import data as fdata
 from fedhaven import protocol
 from fedhaven.client.app import SiteSettings, node_settings, with_site_rank
 from fedhaven.config import (
+    BUNDLED,
     DELTA,
     EPSILON_BUDGET,
     LORA_RANK,
@@ -224,7 +225,7 @@ def _absolute(flat: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     out = dict(flat)
     for key in keys:
         value = out.get(key)
-        if isinstance(value, str | Path) and str(value) not in ("", "bundled"):
+        if isinstance(value, str | Path) and str(value) not in ("", BUNDLED):
             out[key] = os.path.abspath(value)
     return out
 
