@@ -68,8 +68,15 @@ DATA_LOGGED = "data-checked"  # the run's data_checked audit event is written
 log = logging.getLogger(__name__)
 
 
-def site_config(context: Context, overrides: Mapping[str, Any]) -> Config:
-    return from_flat({**context.run_config, **overrides})
+@functools.lru_cache(maxsize=8)
+def _run_config(flat: tuple[tuple[str, Any], ...]) -> Config:
+    return from_flat(dict(flat))
+
+
+def site_config(context: Context, cfg: Config | None) -> Config:
+    """The run's typed config: the harness's own, or (deployed) the run config Flower gives
+    the message, parsed once per run and process."""
+    return cfg or _run_config(tuple(sorted(context.run_config.items())))
 
 
 def node_settings(context: Context, sites: SiteSettings | None = None) -> dict[str, Any]:
@@ -279,12 +286,12 @@ def check_budget(
 def handle_train(
     msg: Message,
     context: Context,
-    overrides: Mapping[str, Any],
+    run: Config | None,
     sites: SiteSettings | None = None,
 ) -> Message:
     entered = time.time()
     node = node_settings(context, sites)
-    cfg = with_site_rank(site_config(context, overrides), node)
+    cfg = with_site_rank(site_config(context, run), node)
     train = site_train(cfg, node)
     model = _global_model(cfg, msg)
     state = context.state.get(PRIVACY_STATE) or ConfigRecord()
@@ -390,11 +397,11 @@ def handle_train(
 def handle_evaluate(
     msg: Message,
     context: Context,
-    overrides: Mapping[str, Any],
+    run: Config | None,
     sites: SiteSettings | None = None,
 ) -> Message:
     node = node_settings(context, sites)
-    cfg = with_site_rank(site_config(context, overrides), node)
+    cfg = with_site_rank(site_config(context, run), node)
     ev = evaluate(_global_model(cfg, msg), site_val(cfg, node), cfg)
     metrics: dict[str, float] = {protocol.NUM_EXAMPLES: ev["num_examples"]}
     if ev["num_examples"]:
@@ -404,18 +411,17 @@ def handle_evaluate(
 
 
 def make_client_app(
-    overrides: Mapping[str, Any] | None = None,
+    cfg: Config | None = None,
     sites: SiteSettings | None = None,
     mods: Sequence[Mod] = (),
 ) -> ClientApp:
-    """A ClientApp whose run config is ``context.run_config`` updated with ``overrides``.
+    """A ClientApp that runs ``cfg``; without one (``flwr run``), the run config Flower hands
+    each message.
 
-    ``flwr run`` uses the module-level :data:`app`; ``fedhaven simulate`` passes its flags
-    as overrides (Flower's in-process simulation gives the apps an empty run config) and each
-    simulated site's own settings as ``sites``. ``mods`` wrap the allow-list: they see a
-    reply only after it passed (a site's own audit hook, say).
+    ``fedhaven simulate`` passes its typed config (Flower's in-process simulation gives the
+    apps an empty run config) and each simulated site's own settings as ``sites``. ``mods``
+    wrap the allow-list: they see a reply only after it passed (a site's own audit hook, say).
     """
-    fixed = dict(overrides or {})
     # Every reply passes the outgoing allow-list on its way out of the site, after the
     # clipping that central DP with client-side clipping asks for. Outermost: SecAgg+, for
     # the rounds the coordinator runs under secure aggregation (it masks what passed).
@@ -423,11 +429,11 @@ def make_client_app(
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, context, fixed, sites)
+        return handle_train(msg, context, cfg, sites)
 
     @client.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
-        return handle_evaluate(msg, context, fixed, sites)
+        return handle_evaluate(msg, context, cfg, sites)
 
     return client
 

@@ -618,17 +618,17 @@ def run_server(
 
 
 def make_server_app(
-    overrides: Mapping[str, Any] | None = None,
+    cfg: Config | None = None,
     progress: ProgressFn | None = None,
     engine: str = DEPLOYMENT,
 ) -> ServerApp:
-    """A ServerApp whose run config is ``context.run_config`` updated with ``overrides``."""
-    fixed = dict(overrides or {})
+    """A ServerApp that runs ``cfg``; without one (``flwr run``), the run config Flower hands
+    it, parsed once per run."""
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, from_flat({**context.run_config, **fixed}), progress, engine)
+        run_server(grid, cfg or from_flat(context.run_config), progress, engine)
 
     return server
 

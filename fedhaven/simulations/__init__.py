@@ -294,9 +294,9 @@ def _simulate(
     if not verbose:
         os.environ.update(QUIET_ENV)
     run_simulation(
-        server_app=make_server_app(flat, progress, engine=SIMULATION),
+        server_app=make_server_app(cfg, progress, engine=SIMULATION),
         client_app=make_client_app(
-            flat, per_site, mods=[update_scale_mod(per_site)] if hostile else ()
+            cfg, per_site, mods=[update_scale_mod(per_site)] if hostile else ()
         ),
         num_supernodes=cfg.federation.sites,
         backend_config=backend_config(cfg, ray_address=ray_address),

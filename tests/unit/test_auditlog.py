@@ -202,8 +202,8 @@ def test_the_site_records_what_it_sent_and_what_it_refused(
     tiny_cfg: Config, tmp_path: Path
 ) -> None:
     cfg = tiny_cfg.replace(**{"privacy.enabled": True})
-    flat, log = cfg.to_flat(), AuditLog(tmp_path / AUDIT_FILE)
-    sent = handle_train(_instruction(cfg, 1), _site(tmp_path, **{EPSILON_BUDGET: 1000.0}), flat)
+    log = AuditLog(tmp_path / AUDIT_FILE)
+    sent = handle_train(_instruction(cfg, 1), _site(tmp_path, **{EPSILON_BUDGET: 1000.0}), cfg)
     (entry,) = log.entries()
     arrays, metrics = sent.content[protocol.ARRAYS], sent.content[protocol.METRICS]
     assert entry["event"] == auditlog.SENT
@@ -221,7 +221,7 @@ def test_the_site_records_what_it_sent_and_what_it_refused(
     assert set(timings) == {"process_s", "handler_s", "train_s"}
     assert 0 < timings["train_s"] <= timings["handler_s"] < timings["process_s"] + 3600
 
-    refused = handle_train(_instruction(cfg, 2), _site(tmp_path, **{EPSILON_BUDGET: 1e-3}), flat)
+    refused = handle_train(_instruction(cfg, 2), _site(tmp_path, **{EPSILON_BUDGET: 1e-3}), cfg)
     assert refused.has_error() and refused.error.code == protocol.REFUSED
     assert [e["event"] for e in log.entries()] == [auditlog.SENT, auditlog.REFUSED]
     last = log.entries()[-1]
@@ -244,7 +244,7 @@ def test_a_deployed_site_records_its_data_checks_once_per_run(
     context = Context(run_id=7, node_id=1, node_config=node, state=RecordDict(), run_config={})
     cfg, log = tiny_cfg.replace(**{"privacy.enabled": False}), AuditLog(tmp_path / AUDIT_FILE)
     for server_round in (1, 2):
-        reply = handle_train(_instruction(cfg, server_round), context, cfg.to_flat())
+        reply = handle_train(_instruction(cfg, server_round), context, cfg)
     (checked,) = log.entries(auditlog.DATA_CHECKED)  # once, not every round
     assert checked["run_id"] == 7
     assert (checked["rows_in"], checked["rows_kept"], checked["labels_mapped"]) == (33, 31, 1)

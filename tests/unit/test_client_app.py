@@ -51,10 +51,9 @@ def test_train_reply_carries_only_the_adapter_and_allowed_metrics(
     tiny_cfg: Config, privacy: bool
 ) -> None:
     cfg = tiny_cfg.replace(**{"privacy.enabled": privacy})
-    overrides: dict[str, Any] = cfg.to_flat()
     msg = instruction(cfg)
     context = site_context()
-    out = handle_train(msg, context, overrides)
+    out = handle_train(msg, context, cfg)
 
     assert out.metadata.reply_to_message_id == msg.metadata.message_id
     assert out.metadata.message_type == MessageType.TRAIN
@@ -91,10 +90,9 @@ def test_train_reply_carries_only_the_adapter_and_allowed_metrics(
 
 
 def test_epsilon_is_cumulative_over_rounds_of_one_site(tiny_cfg: Config) -> None:
-    overrides = tiny_cfg.to_flat()
     context = site_context()
-    first = handle_train(instruction(tiny_cfg), context, overrides).content[protocol.METRICS]
-    second = handle_train(instruction(tiny_cfg, server_round=2), context, overrides).content[
+    first = handle_train(instruction(tiny_cfg), context, tiny_cfg).content[protocol.METRICS]
+    second = handle_train(instruction(tiny_cfg, server_round=2), context, tiny_cfg).content[
         protocol.METRICS
     ]
     assert 0 < first[protocol.EPSILON] < second[protocol.EPSILON]
@@ -103,15 +101,13 @@ def test_epsilon_is_cumulative_over_rounds_of_one_site(tiny_cfg: Config) -> None
     assert second[protocol.EPSILON] == pytest.approx(tiny_cfg.privacy.epsilon, rel=0.02)
 
     # another site's context starts from its own, empty history
-    other = handle_train(instruction(tiny_cfg), site_context(1), overrides).content[
-        protocol.METRICS
-    ]
+    other = handle_train(instruction(tiny_cfg), site_context(1), tiny_cfg).content[protocol.METRICS]
     assert other[protocol.EPSILON] < second[protocol.EPSILON]
 
 
 def test_evaluate_reply_carries_only_allowed_metrics(tiny_cfg: Config) -> None:
     msg = instruction(tiny_cfg, MessageType.EVALUATE)
-    out = handle_evaluate(msg, site_context(), tiny_cfg.to_flat())
+    out = handle_evaluate(msg, site_context(), tiny_cfg)
     content = out.content
     assert set(content.keys()) == {protocol.METRICS}
     assert not content.array_records and not content.config_records
@@ -126,14 +122,20 @@ def test_evaluate_reply_carries_only_allowed_metrics(tiny_cfg: Config) -> None:
     protocol.check_reply(content, train=False)
 
 
-def test_overrides_win_over_the_run_config(tiny_cfg: Config) -> None:
+def test_the_harness_config_wins_over_the_run_config(tiny_cfg: Config) -> None:
     context = site_context()
     context.run_config.update({"train.local-steps": 5})
-    overrides = {**tiny_cfg.to_flat(), "privacy.enabled": False, "train.local-steps": 1}
-    out = handle_train(
-        instruction(tiny_cfg.replace(**{"privacy.enabled": False})), context, overrides
-    )
+    cfg = tiny_cfg.replace(**{"privacy.enabled": False, "train.local-steps": 1})
+    out = handle_train(instruction(cfg), context, cfg)
     assert out.content[protocol.METRICS][protocol.STEPS] == 1
+
+
+def test_a_deployed_site_reads_the_run_config_flower_gives_it(tiny_cfg: Config) -> None:
+    cfg = tiny_cfg.replace(**{"privacy.enabled": False, "train.local-steps": 2})
+    context = site_context()
+    context.run_config.update(cfg.to_flat())
+    out = handle_train(instruction(cfg), context, None)
+    assert out.content[protocol.METRICS][protocol.STEPS] == 2
 
 
 @pytest.mark.parametrize(("sent", "used"), [(0.25, 0.25), (None, 0.0)])
@@ -154,5 +156,5 @@ def test_the_site_trains_with_the_proximal_mu_fedprox_sends(
     msg = instruction(cfg)
     if sent is not None:
         msg.content[protocol.CONFIG][protocol.PROXIMAL_MU] = sent
-    assert not handle_train(msg, site_context(), cfg.to_flat()).has_error()
+    assert not handle_train(msg, site_context(), cfg).has_error()
     assert seen == [used]

@@ -99,7 +99,7 @@ def test_a_restarted_site_continues_from_its_ledger(tiny_cfg: Config, tmp_path: 
     for server_round in (1, 2, 3):
         # a fresh Context each round: the site process restarted and kept only its disk
         context = Context(run_id=7, node_id=1, node_config=node, state=RecordDict(), run_config={})
-        reply = handle_train(instruction(cfg, server_round=server_round), context, cfg.to_flat())
+        reply = handle_train(instruction(cfg, server_round=server_round), context, cfg)
         eps.append(reply.content[protocol.METRICS][protocol.EPSILON])
     entries = Ledger(tmp_path).entries()
     assert [e["round"] for e in entries] == [1, 2, 3]
@@ -183,11 +183,11 @@ def test_an_exhausted_budget_refuses_the_round_and_records_nothing(
 ) -> None:
     cfg = tiny_cfg.replace(**{"privacy.enabled": True})
     context = _site(tmp_path, **{EPSILON_BUDGET: 1000.0})
-    first = handle_train(instruction(cfg, 1), context, cfg.to_flat())
+    first = handle_train(instruction(cfg, 1), context, cfg)
     spent = first.content[protocol.METRICS][protocol.EPSILON]
     # the site lowers its own budget to just above what it has spent
     context = _site(tmp_path, **{EPSILON_BUDGET: spent * 1.01})
-    reply = handle_train(instruction(cfg, 2), context, cfg.to_flat())
+    reply = handle_train(instruction(cfg, 2), context, cfg)
     _refused(reply, r"budget exhausted: spent ε=\d.*allowed ε=\d")
     assert len(Ledger(tmp_path).entries()) == 1  # the refused round left no entry
 
@@ -199,7 +199,7 @@ def test_the_budget_check_predicts_exactly_what_the_round_releases(
     cfg = tiny_cfg.replace(**{"privacy.enabled": True})
     train, _ = site_data(cfg, _site(tmp_path).node_config)
     planned = round_releases(cfg, len(train), release_prior=True)
-    handle_train(instruction(cfg, 1), _site(tmp_path, **{EPSILON_BUDGET: 1000.0}), cfg.to_flat())
+    handle_train(instruction(cfg, 1), _site(tmp_path, **{EPSILON_BUDGET: 1000.0}), cfg)
     (entry,) = Ledger(tmp_path).entries()
     assert [tuple(r) for r in entry["releases"]] == planned
 
@@ -219,7 +219,7 @@ def test_a_site_with_a_budget_refuses_what_it_cannot_account(
     context = _site(tmp_path, **node)
     if node.get(STATE_DIR, "") is None:
         del context.node_config[STATE_DIR]
-    _refused(handle_train(instruction(cfg, 1), context, cfg.to_flat()), match)
+    _refused(handle_train(instruction(cfg, 1), context, cfg), match)
     assert not (tmp_path / LEDGER_FILE).exists()
 
 
@@ -239,7 +239,7 @@ def test_a_coordinator_config_cannot_raise_the_budget_or_cut_the_noise(
     cfg = tiny_cfg.replace(**{"privacy.enabled": True, **coordinator})
     context = _site(tmp_path, **{EPSILON_BUDGET: 8.0, DELTA: 1e-5})
     with caplog.at_level("WARNING", logger="fedhaven.client.app"):
-        reply = handle_train(instruction(cfg, 1), context, cfg.to_flat())
+        reply = handle_train(instruction(cfg, 1), context, cfg)
     _refused(reply, "refused|budget exhausted|no noise level")
     assert any("round 1 refused" in r.getMessage() for r in caplog.records)
     assert not (tmp_path / LEDGER_FILE).exists()
@@ -259,7 +259,7 @@ def test_the_ledger_entry_is_on_disk_before_the_reply_is_sent(
         )
         raise ConnectionError("the link to the coordinator dropped")
 
-    app = make_client_app(cfg.to_flat(), mods=[failing_send])
+    app = make_client_app(cfg, mods=[failing_send])
     with pytest.raises(ConnectionError):
         app(instruction(cfg, 1), _site(tmp_path))
     ((entries_at_send, epsilon),) = seen
@@ -300,7 +300,7 @@ def test_the_stored_prior_is_reused_by_the_same_run_only(
     tiny_cfg: Config, tmp_path: Path, second_run: dict, run_id: int, reused: bool
 ) -> None:
     cfg = tiny_cfg.replace(**{"privacy.enabled": True})
-    handle_train(instruction(cfg, 1), _site(tmp_path), cfg.to_flat())
+    handle_train(instruction(cfg, 1), _site(tmp_path), cfg)
     store = PriorStore(tmp_path)
     first = store.load(cfg, run_id=7)
     assert first is not None and len(first) == 3 and sum(first) == pytest.approx(1.0)
@@ -313,7 +313,7 @@ def test_the_stored_prior_is_reused_by_the_same_run_only(
         state=RecordDict(),
         run_config={},
     )
-    reply = handle_train(instruction(again, 2), context, again.to_flat())
+    reply = handle_train(instruction(again, 2), context, again)
     assert not reply.has_error()
     entries = Ledger(tmp_path).entries()
     assert [_prior_released(e) for e in entries] == [True, not reused]
@@ -337,7 +337,7 @@ def test_a_site_without_a_state_dir_keeps_the_prior_in_memory_only(
         state=RecordDict(),
         run_config={},
     )
-    handle_train(instruction(cfg, 1), context, cfg.to_flat())
+    handle_train(instruction(cfg, 1), context, cfg)
     assert LABEL_PRIOR in context.state[PRIVACY_STATE]
     assert list(tmp_path.rglob(PRIOR_FILE)) == []
 
