@@ -235,3 +235,10 @@ def test_no_dp_preset_is_a_valid_config_without_privacy() -> None:
     assert cfg.privacy.enabled is False
     assert cfg.lora.layer_indices is None  # every layer
     assert cfg.train.batch_size < Config().train.batch_size
+
+
+def test_named_keys_are_config_keys() -> None:
+    from fedhaven.config import keys
+
+    named = [v for k, v in vars(keys).items() if k.isupper()]
+    assert named and set(named) <= set(valid_keys())
