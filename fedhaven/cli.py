@@ -220,7 +220,7 @@ def simulate(
         }.items()
         if v is not None
     }
-    from_flat(flat)  # validate before the heavy imports and anything else starts
+    cfg = from_flat(flat)  # validate before the heavy imports and anything else starts
     from fedhaven.simulations import simulate as run
 
     if not verbose:
@@ -231,7 +231,7 @@ def simulate(
         logging.getLogger("flwr").setLevel(logging.ERROR)
         hf_logging.disable_progress_bar()
         warnings.filterwarnings("ignore")
-    summary = run(flat, progress=_progress, verbose=verbose, sites=sites, ray_address=ray_address)
+    summary = run(cfg, progress=_progress, verbose=verbose, sites=sites, ray_address=ray_address)
     _summary_table(summary)
 
 
@@ -540,7 +540,7 @@ def tune(
         raise FedhavenError(f"--trials {trials} runs nothing: give at least 1")
     flat = {**(load_toml(config) if config else {}), **_parse_set(set_ or [])}
     from_flat(flat)  # validate before the heavy imports and anything else starts
-    from fedhaven.tune import tune as run
+    from fedhaven.simulations.tune import tune as run
 
     if not verbose:
         from transformers.utils import logging as hf_logging

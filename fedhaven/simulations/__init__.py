@@ -38,7 +38,7 @@ from fedhaven.config import (
     STATE_DIR,
     UPDATE_SCALE,
     Config,
-    from_flat,
+    keys,
 )
 from fedhaven.errors import FedhavenError
 from fedhaven.report import SIMULATION, SUMMARY_FILE, write_report
@@ -217,13 +217,13 @@ def check_ray_address(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> N
 
 #: Run-config keys that name a local path. A cluster's workers do not run in this
 #: directory, so for them a relative path is made absolute here.
-PATH_KEYS = ("model.path", "data.path", "data.test-path", "federation.out-dir")
+PATH_KEYS = (keys.MODEL_PATH, keys.DATA_PATH, keys.DATA_TEST_PATH, keys.FEDERATION_OUT_DIR)
 
 
-def _absolute(flat: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
-    """``flat`` with the relative paths among ``keys`` made absolute (``bundled`` kept)."""
+def _absolute(flat: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """``flat`` with the relative paths among ``names`` made absolute (``bundled`` kept)."""
     out = dict(flat)
-    for key in keys:
+    for key in names:
         value = out.get(key)
         if isinstance(value, str | Path) and str(value) not in ("", BUNDLED):
             out[key] = os.path.abspath(value)
@@ -240,7 +240,7 @@ def preflight(cfg: Config) -> None:
 
 
 def simulate(
-    overrides: Mapping[str, Any],
+    cfg: Config,
     progress: ProgressFn | None = None,
     verbose: bool = False,
     sites: Mapping[str, Any] | None = None,
@@ -248,23 +248,23 @@ def simulate(
 ) -> dict[str, Any]:
     """Run a simulated federation; returns the run's ``summary.json`` content.
 
-    ``overrides`` is the run config (flat keys); ``sites`` the sites' own settings
-    (see :func:`site_settings`); ``ray_address`` an existing Ray cluster to run the sites on
-    (``HOST:PORT`` of its head node; ``None``: a local Ray instance for this run only).
+    ``cfg`` is the run config; ``sites`` the sites' own settings (see :func:`site_settings`);
+    ``ray_address`` an existing Ray cluster to run the sites on (``HOST:PORT`` of its head
+    node; ``None``: a local Ray instance for this run only).
     """
     if ray_address:
         check_ray_address(ray_address)
     # Flower's import and the Ray actors need process-wide variables: restore the caller's.
     saved = dict(os.environ)
     try:
-        return _simulate(overrides, progress, verbose, sites or {}, ray_address)
+        return _simulate(cfg, progress, verbose, sites or {}, ray_address)
     finally:
         os.environ.clear()
         os.environ.update(saved)
 
 
 def _simulate(
-    overrides: Mapping[str, Any],
+    cfg: Config,
     progress: ProgressFn | None,
     verbose: bool,
     sites: Mapping[str, Any],
@@ -275,15 +275,12 @@ def _simulate(
     from fedhaven.client.app import make_client_app
     from fedhaven.server.app import make_server_app
 
-    flat = dict(overrides)
-    cfg = from_flat(flat)
     if not cfg.federation.out_dir:
-        flat["federation.out-dir"] = os.path.join("runs", datetime.now().strftime("%Y%m%d-%H%M%S"))
-        cfg = from_flat(flat)
+        run_dir = os.path.join("runs", datetime.now().strftime("%Y%m%d-%H%M%S"))
+        cfg = cfg.replace(**{keys.FEDERATION_OUT_DIR: run_dir})
     if ray_address:  # the cluster's workers read and write these paths, from another cwd
-        flat = _absolute(flat, PATH_KEYS)
-        sites = _absolute(dict(sites), (STATE_DIR,))
-        cfg = from_flat(flat)
+        cfg = cfg.replace(**_absolute(cfg.to_flat(), PATH_KEYS))
+        sites = _absolute(sites, (STATE_DIR,))
     per_site: SiteSettings = site_settings(sites, cfg)
     hostile = {i: s[UPDATE_SCALE] for i, s in per_site.items() if UPDATE_SCALE in s}
     preflight(cfg)

@@ -26,7 +26,7 @@ import sqlalchemy.exc
 from optuna.trial import TrialState
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedhaven.config import Config, Scalar, from_flat
+from fedhaven.config import Config, Scalar, from_flat, keys
 from fedhaven.errors import FedhavenError
 from fedhaven.report import METRICS_FILE
 from fedhaven.server.app import validation_score
@@ -34,7 +34,6 @@ from fedhaven.simulations import preflight, simulate
 
 log = logging.getLogger(__name__)
 
-OUT_DIR_KEY = "federation.out-dir"
 BEST_FILE = "best.toml"
 STORAGE_FILE = "study.db"
 #: Study user attribute holding the canonical base config the study's trials ran on.
@@ -51,16 +50,16 @@ TrialProgressFn = Callable[[dict[str, Any]], None]
 
 def default_space(trial: optuna.Trial) -> dict[str, Scalar]:
     """The default search space; ``lora.alpha`` is derived (``ALPHA_PER_RANK`` · r)."""
-    r = trial.suggest_categorical("lora.r", [4, 8, 16])
+    lr, lora_lr = keys.TRAIN_LEARNING_RATE, keys.TRAIN_LORA_LEARNING_RATE
+    steps, clip = keys.TRAIN_LOCAL_STEPS, keys.PRIVACY_MAX_GRAD_NORM
+    r = trial.suggest_categorical(keys.LORA_R, [4, 8, 16])
     return {
-        "train.learning-rate": trial.suggest_float("train.learning-rate", 0.05, 1.0, log=True),
-        "train.lora-learning-rate": trial.suggest_float(
-            "train.lora-learning-rate", 1e-4, 1e-2, log=True
-        ),
-        "lora.r": r,
-        "lora.alpha": ALPHA_PER_RANK * r,
-        "train.local-steps": trial.suggest_int("train.local-steps", 1, 4),
-        "privacy.max-grad-norm": trial.suggest_float("privacy.max-grad-norm", 0.1, 5.0, log=True),
+        lr: trial.suggest_float(lr, 0.05, 1.0, log=True),
+        lora_lr: trial.suggest_float(lora_lr, 1e-4, 1e-2, log=True),
+        keys.LORA_R: r,
+        keys.LORA_ALPHA: ALPHA_PER_RANK * r,
+        steps: trial.suggest_int(steps, 1, 4),
+        clip: trial.suggest_float(clip, 0.1, 5.0, log=True),
     }
 
 
@@ -75,10 +74,11 @@ def validation_macro_f1(run_dir: Path, metric: str = "macro_f1") -> float | None
     return validation_score(json.loads(lines[-1])["sites"], metric)
 
 
-def _canonical(base: Mapping[str, Any]) -> dict[str, Scalar]:
-    """``base``'s keys with typed values (``--set`` gives strings), minus the run dir."""
-    typed = from_flat(base).to_flat()
-    return {k: typed[k] for k in base if k != OUT_DIR_KEY}
+def _canonical(base: Mapping[str, Any], cfg: Config) -> dict[str, Scalar]:
+    """``base``'s keys with ``cfg``'s typed values (``--set`` gives strings), minus the run
+    dir: what the study compares and ``best.toml`` holds."""
+    typed = cfg.to_flat()
+    return {k: typed[k] for k in base if k != keys.FEDERATION_OUT_DIR}
 
 
 def _check_base(cfg: Config) -> None:
@@ -187,8 +187,8 @@ def tune(
     """
     if trials < 1:
         raise FedhavenError(f"--trials {trials} runs nothing: give at least 1")
-    canonical = _canonical(base)
-    cfg = from_flat(canonical)
+    cfg = from_flat(base)
+    canonical = _canonical(base, cfg)
     _check_base(cfg)
 
     preflight(cfg)  # a bad data or model path fails here, before any file is written
@@ -205,43 +205,62 @@ def tune(
         # offset it by the trials already in the study.
         study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
         for _ in range(trials):
-            trial = study.ask()
-            run_dir = out / f"trial-{trial.number}"
-            trial.set_user_attr("run_dir", str(run_dir))
-            rounds_bar = bar.add_task(f"trial {trial.number}: rounds", total=cfg.federation.rounds)
-            try:
-                overrides = space(trial)
-                flat = {**canonical, **overrides, OUT_DIR_KEY: str(run_dir)}
-                bar.update(rounds_bar, total=from_flat(flat).federation.rounds)
-                summary = simulate(
-                    flat,
-                    verbose=verbose,
-                    progress=lambda line, t=rounds_bar: bar.update(t, completed=line["round"]),
-                )
-                metric = summary.get("primary_metric", "macro_f1")
-                trial.set_user_attr("test_macro_f1", summary["global"][metric])
-                value = validation_macro_f1(run_dir, metric)
-                if value is None or not math.isfinite(value):
-                    raise RuntimeError("no site reported a validation macro-F1 in the last round")
-            except (FedhavenError, KeyboardInterrupt):
-                # the base config is wrong (or the user stopped): no later trial can do better
-                study.tell(trial, state=TrialState.FAIL)
-                raise
-            except Exception as e:  # a broken trial is the search's business, not the user's
-                log.warning("trial %d failed: %r", trial.number, e, exc_info=verbose)
-                trial.set_user_attr("error", repr(e))
-                study.tell(trial, state=TrialState.FAIL)
-            else:
-                trial.set_user_attr("overrides", overrides)
-                study.tell(trial, value)
-            bar.remove_task(rounds_bar)
+            number = _run_trial(study, cfg, out, space, bar, verbose)
             bar.advance(trials_bar)
             if progress:
-                progress(_row(study.trials[trial.number]))
+                progress(_row(study.trials[number]))
     finally:
         bar.stop()
         optuna.logging.set_verbosity(level)
+    return _finish(study, study_name, storage, out / BEST_FILE, canonical)
 
+
+def _run_trial(
+    study: optuna.Study, cfg: Config, out: Path, space: Space, bar: Progress, verbose: bool
+) -> int:
+    """Ask the study for one trial, run its federation in ``<out>/trial-<n>`` and tell the
+    study its score; returns the trial's number."""
+    trial = study.ask()
+    run_dir = out / f"trial-{trial.number}"
+    trial.set_user_attr("run_dir", str(run_dir))
+    rounds_bar = bar.add_task(f"trial {trial.number}: rounds", total=cfg.federation.rounds)
+    try:
+        overrides = space(trial)
+        trial_cfg = cfg.replace(**overrides, **{keys.FEDERATION_OUT_DIR: str(run_dir)})
+        bar.update(rounds_bar, total=trial_cfg.federation.rounds)
+        summary = simulate(
+            trial_cfg,
+            verbose=verbose,
+            progress=lambda line: bar.update(rounds_bar, completed=line["round"]),
+        )
+        metric = summary.get("primary_metric", "macro_f1")
+        trial.set_user_attr("test_macro_f1", summary["global"][metric])
+        value = validation_macro_f1(run_dir, metric)
+        if value is None or not math.isfinite(value):
+            raise RuntimeError("no site reported a validation macro-F1 in the last round")
+    except (FedhavenError, KeyboardInterrupt):
+        # the base config is wrong (or the user stopped): no later trial can do better
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    except Exception as e:  # a broken trial is the search's business, not the user's
+        log.warning("trial %d failed: %r", trial.number, e, exc_info=verbose)
+        trial.set_user_attr("error", repr(e))
+        study.tell(trial, state=TrialState.FAIL)
+    else:
+        trial.set_user_attr("overrides", overrides)
+        study.tell(trial, value)
+    bar.remove_task(rounds_bar)
+    return trial.number
+
+
+def _finish(
+    study: optuna.Study,
+    study_name: str,
+    storage: Path,
+    best_path: Path,
+    canonical: dict[str, Scalar],
+) -> dict[str, Any]:
+    """Write the best trial's config to ``best_path``; the search's result."""
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not done:
         raise FedhavenError(
@@ -249,7 +268,6 @@ def tune(
             "cause and run again; the study resumes"
         )
     best = study.best_trial
-    best_path = out / BEST_FILE
     write_config(
         best_path,
         {**canonical, **best.user_attrs["overrides"]},

@@ -98,7 +98,8 @@ def run(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> dict[str,
         "federation.sites": 2,
         "federation.out-dir": str(out),
     }
-    return {"summary": simulate(overrides), "out": out, "cfg": from_flat(overrides)}
+    cfg = from_flat(overrides)
+    return {"summary": simulate(cfg), "out": out, "cfg": cfg}
 
 
 def test_one_private_round_at_two_sites(run: dict[str, Any]) -> None:

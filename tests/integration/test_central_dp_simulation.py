@@ -15,17 +15,20 @@ pytestmark = pytest.mark.slow
 def test_central_dp_reports_the_site_level_epsilon(
     tmp_path: Path, tiny_flat: dict[str, object]
 ) -> None:
+    from fedhaven.config import from_flat
     from fedhaven.simulations import simulate
 
     out = tmp_path / "run"
     summary = simulate(
-        {
-            **tiny_flat,
-            "privacy.enabled": True,  # record-level at each site, composed with ...
-            "privacy.central": "client-adaptive",  # ... site-level at the coordinator
-            "privacy.central-noise": 1.0,
-            "federation.out-dir": str(out),
-        }
+        from_flat(
+            {
+                **tiny_flat,
+                "privacy.enabled": True,  # record-level at each site, composed with ...
+                "privacy.central": "client-adaptive",  # ... site-level at the coordinator
+                "privacy.central-noise": 1.0,
+                "federation.out-dir": str(out),
+            }
+        )
     )
     central = summary["central_dp"]
     assert central["mode"] == "client-adaptive" and central["releases"] == 2

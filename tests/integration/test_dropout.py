@@ -26,18 +26,21 @@ STOP = (
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, tiny_flat: dict[str, object]) -> dict[str, Any]:
+    from fedhaven.config import from_flat
     from fedhaven.simulations import simulate
 
     tmp = tmp_path_factory.mktemp("dropout")
     flat = {**tiny_flat, "privacy.enabled": True, "federation.sites": 3, "federation.rounds": 2}
     enough = simulate(
-        {**flat, "federation.min-sites": 2, "federation.out-dir": str(tmp / "enough")},
+        from_flat({**flat, "federation.min-sites": 2, "federation.out-dir": str(tmp / "enough")}),
         sites={**SITES, "state-dir": str(tmp / "enough-sites")},
     )
     too_few: FedhavenError | None = None
     try:
         simulate(
-            {**flat, "federation.min-sites": 3, "federation.out-dir": str(tmp / "too-few")},
+            from_flat(
+                {**flat, "federation.min-sites": 3, "federation.out-dir": str(tmp / "too-few")}
+            ),
             sites={**SITES, "state-dir": str(tmp / "too-few-sites")},
         )
     except FedhavenError as e:

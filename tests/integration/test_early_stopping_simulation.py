@@ -18,6 +18,7 @@ pytestmark = pytest.mark.slow
 def test_early_stopping_keeps_the_best_round_and_spends_no_more(
     tmp_path: Path, tiny_flat: dict[str, object]
 ) -> None:
+    from fedhaven.config import from_flat
     from fedhaven.simulations import simulate
 
     out = tmp_path / "run"
@@ -28,7 +29,7 @@ def test_early_stopping_keeps_the_best_round_and_spends_no_more(
         "federation.out-dir": str(out),
     }
     # patience 1 with an impossible min-delta: round 1 is the best, round 2 stops the run
-    summary = simulate({**cfg, "federation.patience": 1, "federation.min-delta": 1.0})
+    summary = simulate(from_flat({**cfg, "federation.patience": 1, "federation.min-delta": 1.0}))
     assert summary["stopped_early"] and summary["rounds"] == 2 and summary["best_round"] == 1
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["round"] for x in lines] == [1, 2]

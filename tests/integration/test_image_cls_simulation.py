@@ -66,7 +66,8 @@ def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         "privacy.enabled": True,
         "federation.out-dir": str(tmp / "run"),
     }
-    return {"summary": simulate(overrides), "cfg": from_flat(overrides), "out": tmp / "run"}
+    cfg = from_flat(overrides)
+    return {"summary": simulate(cfg), "cfg": cfg, "out": tmp / "run"}
 
 
 def test_each_site_spent_privacy_budget(run: dict[str, Any]) -> None:

@@ -27,6 +27,7 @@ def _kill_after_round_1(line: dict[str, Any]) -> None:
 def test_a_killed_run_resumes_from_its_checkpoint(
     tmp_path: Path, tiny_flat: dict[str, object]
 ) -> None:
+    from fedhaven.config import from_flat
     from fedhaven.simulations import simulate
 
     out = tmp_path / "run"
@@ -39,14 +40,15 @@ def test_a_killed_run_resumes_from_its_checkpoint(
     # the progress callback runs inside the ServerApp: Flower's simulation ends and hands
     # the coordinator's exception back to the caller
     with pytest.raises(Killed):
-        simulate(flat, progress=_kill_after_round_1)
+        simulate(from_flat(flat), progress=_kill_after_round_1)
     assert not (out / "summary.json").exists()
     first = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["round"] for x in first] == [1]
 
     seen: list[int] = []
     summary = simulate(
-        {**flat, "federation.resume": True}, progress=lambda line: seen.append(line["round"])
+        from_flat({**flat, "federation.resume": True}),
+        progress=lambda line: seen.append(line["round"]),
     )
     assert seen == [2, 3]
     assert summary["rounds"] == 3 and summary["resumed_after_round"] == 1

@@ -40,6 +40,7 @@ def _bound(num_examples: list[int], peak: float) -> float:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, tiny_flat: dict[str, object]) -> dict[str, Any]:
+    from fedhaven.config import from_flat
     from fedhaven.server.app import CHECKPOINT_DIR, load_checkpoint
     from fedhaven.simulations import simulate
     from fedhaven.strategies import Validated
@@ -73,7 +74,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_flat: dict[str, object])
         for secure in (False, True):
             run = tmp_path_factory.mktemp("secure" if secure else "plain")
             summary = simulate(
-                {**flat, "federation.secure-aggregation": secure, "federation.out-dir": str(run)}
+                from_flat(
+                    {
+                        **flat,
+                        "federation.secure-aggregation": secure,
+                        "federation.out-dir": str(run),
+                    }
+                )
             )
             saved = load_checkpoint(run / CHECKPOINT_DIR)
             assert saved is not None

@@ -31,15 +31,15 @@ def run(tmp_path_factory: pytest.TempPathFactory, tiny_flat: dict[str, object]) 
     from fedhaven.simulations import simulate
 
     out = tmp_path_factory.mktemp("sim") / "run"
-    overrides = {**tiny_flat, "privacy.enabled": True, "federation.out-dir": str(out)}
+    cfg = from_flat({**tiny_flat, "privacy.enabled": True, "federation.out-dir": str(out)})
     progress: list[dict[str, Any]] = []
     env = dict(os.environ)
-    summary = simulate(overrides, progress=progress.append)
+    summary = simulate(cfg, progress=progress.append)
     env_after = dict(os.environ)
     return {
         "summary": summary,
         "out": out,
-        "cfg": from_flat(overrides),
+        "cfg": cfg,
         "progress": progress,
         "env_diff": {
             k: (env.get(k), env_after.get(k))

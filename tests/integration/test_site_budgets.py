@@ -25,6 +25,7 @@ class _Records(logging.Handler):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, tiny_flat: dict[str, object]) -> dict[str, Any]:
+    from fedhaven.config import from_flat
     from fedhaven.simulations import simulate
 
     tmp = tmp_path_factory.mktemp("budgets")
@@ -38,13 +39,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_flat: dict[str, object])
     try:
         # site 1 allows almost nothing: it refuses every round of the first run
         first = simulate(
-            {**flat, "federation.out-dir": str(tmp / "a")},
+            from_flat({**flat, "federation.out-dir": str(tmp / "a")}),
             sites={"state-dir": str(state), "epsilon-budget": "1000,0.001"},
         )
         refuser_ledger_after_first = (state / "site-1" / LEDGER_FILE).exists()
         # the same sites, a second run, one round: site 0 keeps spending from its ledger
         second = simulate(
-            {**flat, "federation.out-dir": str(tmp / "b"), "federation.rounds": 1},
+            from_flat({**flat, "federation.out-dir": str(tmp / "b"), "federation.rounds": 1}),
             sites={"state-dir": str(state), "epsilon-budget": 1000},
         )
     finally:

@@ -43,18 +43,21 @@ pytestmark = pytest.mark.slow
 def test_rule_runs_a_simulation(
     name: str, flat: dict[str, object], tmp_path: Path, tiny_flat: dict[str, object]
 ) -> None:
+    from fedhaven.config import from_flat
     from fedhaven.simulations import simulate
 
     out = tmp_path / "run"
     summary = simulate(
-        {
-            **tiny_flat,
-            "federation.sites": 3,
-            "federation.strategy": name,
-            "privacy.enabled": False,
-            "federation.out-dir": str(out),
-            **flat,
-        }
+        from_flat(
+            {
+                **tiny_flat,
+                "federation.sites": 3,
+                "federation.strategy": name,
+                "privacy.enabled": False,
+                "federation.out-dir": str(out),
+                **flat,
+            }
+        )
     )
     assert json.loads((out / "summary.json").read_text()) == summary
     assert summary["rounds"] == 2 and len(summary["sites"]) == 3
@@ -85,7 +88,7 @@ def test_flexlora_runs_a_simulation_with_mixed_ranks(
         "privacy.enabled": False,
         "federation.out-dir": str(out),
     }
-    summary = simulate(flat, sites={LORA_RANK: "2,4,8"})
+    summary = simulate(from_flat(flat), sites={LORA_RANK: "2,4,8"})
     assert summary["rounds"] == 2 and len(summary["sites"]) == 3
 
     def nbytes(rank: int) -> int:  # a site's adapter (LoRA at that rank, and the head)
@@ -110,12 +113,14 @@ def test_a_hostile_site_reaches_the_coordinator_scaled(
 ) -> None:
     """The harness's hostile site (``update-scale``) through the engine: its update arrives
     ×100, which the round's update norms show, and the run's summary names it."""
-    from fedhaven.config import UPDATE_SCALE
+    from fedhaven.config import UPDATE_SCALE, from_flat
     from fedhaven.simulations import simulate
 
     out = tmp_path / "run"
     flat = {**tiny_flat, "federation.sites": 3, "privacy.enabled": False}
-    summary = simulate({**flat, "federation.out-dir": str(out)}, sites={UPDATE_SCALE: "100,1,1"})
+    summary = simulate(
+        from_flat({**flat, "federation.out-dir": str(out)}), sites={UPDATE_SCALE: "100,1,1"}
+    )
     assert summary["simulated_update_scale"] == {"0": 100.0}
     # the report and the adapter's card warn that this was no clean run
     for doc in (out / "report.md", out / "adapter" / "model_card.md"):

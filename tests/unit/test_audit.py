@@ -29,7 +29,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, tiny_flat: dict[str, object]) 
     from fedhaven.simulations import simulate
 
     out = tmp_path_factory.mktemp("audit") / "run"
-    simulate({**tiny_flat, "federation.rounds": 1, "federation.out-dir": str(out)})
+    simulate(from_flat({**tiny_flat, "federation.rounds": 1, "federation.out-dir": str(out)}))
     return out
 
 

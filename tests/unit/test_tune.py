@@ -14,10 +14,10 @@ from typing import Any
 import optuna
 import pytest
 
-from fedhaven import tune as ftune
-from fedhaven.config import from_flat, load_toml
+from fedhaven.config import Config, from_flat, load_toml
 from fedhaven.errors import FedhavenError
-from fedhaven.tune import ALPHA_PER_RANK, BEST_FILE, STORAGE_FILE, tune
+from fedhaven.simulations import tune as ftune
+from fedhaven.simulations.tune import ALPHA_PER_RANK, BEST_FILE, STORAGE_FILE, tune
 
 pytestmark = pytest.mark.slow
 
@@ -85,11 +85,11 @@ def test_the_objective_is_the_example_weighted_validation_macro_f1(
 def _stub(calls: list[dict[str, Any]], fail: type[Exception] | None = None) -> Any:
     """A stand-in for `simulate`: a known last round (and an earlier one that must not count)."""
 
-    def simulate(overrides: dict[str, Any], **_: Any) -> dict[str, Any]:
-        calls.append(dict(overrides))
+    def simulate(cfg: Config, **_: Any) -> dict[str, Any]:
+        calls.append(cfg.to_flat())
         if fail:
             raise fail("boom")
-        run_dir = Path(overrides["federation.out-dir"])
+        run_dir = Path(cfg.federation.out_dir)
         run_dir.mkdir(parents=True)
         first = {"1": {"macro_f1": 0.0, "val_examples": 30}}
         last = {

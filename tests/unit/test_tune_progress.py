@@ -12,9 +12,10 @@ import pytest
 from rich.console import Console
 from rich.progress import Progress
 
-from fedhaven import tune as ftune
+from fedhaven.config import Config
 from fedhaven.errors import FedhavenError
-from fedhaven.tune import tune
+from fedhaven.simulations import tune as ftune
+from fedhaven.simulations.tune import tune
 
 
 def _bars(monkeypatch: pytest.MonkeyPatch, made: list[Progress]) -> None:
@@ -37,10 +38,10 @@ def test_the_bar_counts_trials_and_follows_the_running_trials_rounds(
     _bars(monkeypatch, made)
     seen: list[tuple[float, float | None, float]] = []  # (round bar done, its total, trials done)
 
-    def simulate(overrides: dict[str, Any], *, progress: Any = None, **_: Any) -> dict:
+    def simulate(cfg: Config, *, progress: Any = None, **_: Any) -> dict:
         bar = made[0]
         trials_task, rounds_task = bar.tasks  # the current trial's rounds: a second task
-        run_dir = Path(overrides["federation.out-dir"])
+        run_dir = Path(cfg.federation.out_dir)
         run_dir.mkdir(parents=True)
         for r in (1, 2):
             progress({"round": r})  # what the ServerApp calls after each round
@@ -65,7 +66,7 @@ def test_the_bar_stops_when_a_user_error_ends_the_search(
     made: list[Progress] = []
     _bars(monkeypatch, made)
 
-    def simulate(overrides: dict[str, Any], **_: Any) -> dict:
+    def simulate(cfg: Config, **_: Any) -> dict:
         raise FedhavenError("bad data")
 
     monkeypatch.setattr(ftune, "simulate", simulate)
@@ -80,7 +81,7 @@ def test_no_bar_when_asked_for_none(
     made: list[Progress] = []
     _bars(monkeypatch, made)
 
-    def simulate(overrides: dict[str, Any], *, progress: Any = None, **_: Any) -> dict:
+    def simulate(cfg: Config, *, progress: Any = None, **_: Any) -> dict:
         progress({"round": 1})
         raise RuntimeError("a broken trial")
 
