@@ -53,6 +53,7 @@ __all__ = [
     "RESUME_MAY_CHANGE",
     "SECURE_AGGREGATION_CENTRAL",
     "SECURE_AGGREGATION_STRATEGIES",
+    "SITES_PREFIX",
     "STATE_DIR",
     "STRATEGIES",
     "TASKS",
@@ -92,6 +93,9 @@ MIN_PER_CLASS = "min-per-class"
 #: Simulation only, for research on robust rules: the site sends the global adapter plus this
 #: multiple of its update (a hostile or broken site). No deployed site reads it.
 UPDATE_SCALE = "update-scale"
+#: The sites' own settings in a config file: a ``[sites]`` table (``sites.epsilon-budget``),
+#: kept out of the run config and given to the sites only (``fedhaven simulate``).
+SITES_PREFIX = "sites."
 #: Run-config keys a resume may change: the switch itself, how long a round waits for the
 #: sites, where the run directory lies (a moved run directory can still be resumed), and the
 #: simulated sites' CPUs. Everything else shapes the model or the privacy guarantee and must

@@ -132,7 +132,7 @@ def cli_env(
 
 
 def test_cli_module_is_runnable() -> None:
-    src = Path(__file__).resolve().parents[2] / "fedhaven" / "cli.py"
+    src = Path(__file__).resolve().parents[2] / "fedhaven" / "cli" / "__main__.py"
     assert 'if __name__ == "__main__":\n    main()' in src.read_text()
 
 
