@@ -7,7 +7,7 @@ A preset sets what differs from the defaults (the seq-cls drug-review demo); a c
 
 from __future__ import annotations
 
-from fedhaven.config import Scalar
+from fedhaven.config import Scalar, keys
 from fedhaven.errors import FedhavenError
 
 PRESETS: dict[str, dict[str, Scalar]] = {
@@ -15,30 +15,30 @@ PRESETS: dict[str, dict[str, Scalar]] = {
     # review's condition. The instruction set has no label column to split by, hence iid;
     # two sites so each holds enough rows for DP-SGD to take several sampled steps a round.
     "instruct": {
-        "model.task": "causal-lm",
-        "model.max-length": 96,
-        "model.max-new-tokens": 8,  # the answers are a few tokens
-        "lora.r": 4,
-        "lora.alpha": 8,
-        "train.batch-size": 16,
-        "train.local-steps": 4,
-        "train.lora-learning-rate": 0.01,
-        "train.eval-batch-size": 32,
-        "data.partition": "iid",
-        "federation.sites": 2,
-        "federation.rounds": 3,
+        keys.MODEL_TASK: "causal-lm",
+        keys.MODEL_MAX_LENGTH: 96,
+        keys.MODEL_MAX_NEW_TOKENS: 8,  # the answers are a few tokens
+        keys.LORA_R: 4,
+        keys.LORA_ALPHA: 8,
+        keys.TRAIN_BATCH_SIZE: 16,
+        keys.TRAIN_LOCAL_STEPS: 4,
+        keys.TRAIN_LORA_LEARNING_RATE: 0.01,
+        keys.TRAIN_EVAL_BATCH_SIZE: 32,
+        keys.DATA_PARTITION: "iid",
+        keys.FEDERATION_SITES: 2,
+        keys.FEDERATION_ROUNDS: 3,
     },
     # The bundled digits-resnet (pre-trained on digits 0-4 of a split no site holds) learns
     # all ten digits: LoRA on its convolutions and a fresh head, sites split by label.
     "digits": {
-        "model.task": "image-cls",
-        "model.image-size": 32,
-        "data.labels": "0,1,2,3,4,5,6,7,8,9",
-        "train.batch-size": 64,
-        "train.local-steps": 4,
-        "train.learning-rate": 0.03,
-        "train.lora-learning-rate": 0.02,
-        "federation.rounds": 8,
+        keys.MODEL_TASK: "image-cls",
+        keys.MODEL_IMAGE_SIZE: 32,
+        keys.DATA_LABELS: "0,1,2,3,4,5,6,7,8,9",
+        keys.TRAIN_BATCH_SIZE: 64,
+        keys.TRAIN_LOCAL_STEPS: 4,
+        keys.TRAIN_LEARNING_RATE: 0.03,
+        keys.TRAIN_LORA_LEARNING_RATE: 0.02,
+        keys.FEDERATION_ROUNDS: 8,
     },
 }
 

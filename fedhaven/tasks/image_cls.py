@@ -40,7 +40,7 @@ from transformers import (
 )
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
-from fedhaven.config import AUTO, BUNDLED, from_flat
+from fedhaven.config import AUTO, BUNDLED, from_flat, keys
 from fedhaven.data import LABEL, read_table, require_columns
 from fedhaven.errors import FedhavenError
 from fedhaven.tasks.base import ClassificationTask
@@ -414,16 +414,16 @@ PRETRAINING_CLASSES = tuple(range(5))
 #: digits-resnet's pre-training, centrally, through the one training loop (no DP: the
 #: public rows are public). AdamW, 8 epochs of 357 images; seconds on a CPU.
 _PRETRAIN = {
-    "model.task": "image-cls",
-    "model.image-size": 32,
-    "data.labels": ",".join(str(d) for d in PRETRAINING_CLASSES),
-    "privacy.enabled": False,
-    "train.learning-rate": 3e-3,
-    "train.schedule": "constant",
-    "train.logit-adjustment": 0.0,
-    "train.batch-size": 64,
-    "train.local-epochs": 8,
-    "train.seed": 0,
+    keys.MODEL_TASK: "image-cls",
+    keys.MODEL_IMAGE_SIZE: 32,
+    keys.DATA_LABELS: ",".join(str(d) for d in PRETRAINING_CLASSES),
+    keys.PRIVACY_ENABLED: False,
+    keys.TRAIN_LEARNING_RATE: 3e-3,
+    keys.TRAIN_SCHEDULE: "constant",
+    keys.TRAIN_LOGIT_ADJUSTMENT: 0.0,
+    keys.TRAIN_BATCH_SIZE: 64,
+    keys.TRAIN_LOCAL_EPOCHS: 8,
+    keys.TRAIN_SEED: 0,
 }
 
 
