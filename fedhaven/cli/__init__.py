@@ -353,7 +353,7 @@ def models_prepare(
 ) -> None:
     """Build a bundled model once into the cache (FEDHAVEN_CACHE) and print its directory."""
     from fedhaven.tasks.causal_lm import SMOLLM2, prepare_smollm2
-    from fedhaven.tasks.image_cls import DIGITS_RESNET, prepare_digits_resnet
+    from fedhaven.tasks.digits_resnet import DIGITS_RESNET, prepare_digits_resnet
 
     prepare = {DIGITS_RESNET: prepare_digits_resnet, SMOLLM2: prepare_smollm2}
     if name not in prepare:

@@ -25,6 +25,7 @@ from fedhaven import training
 from fedhaven.config import Config, from_flat
 from fedhaven.errors import FedhavenError
 from fedhaven.models import adapter_state, build_model
+from fedhaven.tasks import digits_resnet as dr
 from fedhaven.tasks import get_task
 from fedhaven.tasks import image_cls as ic
 from fedhaven.training import train_round
@@ -454,15 +455,15 @@ def test_cli_data_digits(tmp_path: Path) -> None:
 def test_prepare_digits_resnet_once_atomically(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(ic._PRETRAIN, "train.local-epochs", 1)  # the recipe, shortened
-    path = ic.prepare_digits_resnet(tmp_path)
+    monkeypatch.setitem(dr._PRETRAIN, "train.local-epochs", 1)  # the recipe, shortened
+    path = dr.prepare_digits_resnet(tmp_path)
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary left
-    info = json.loads((path / ic.PRETRAINING_FILE).read_text())
+    info = json.loads((path / dr.PRETRAINING_FILE).read_text())
     assert info["steps"] == 6  # the 357 public images of digits 0-4, batches of 64
     assert "'public'" in info["data"]
     calls: list[object] = []
     monkeypatch.setattr(training, "train_round", lambda *a, **k: calls.append(a))
-    assert ic.prepare_digits_resnet(tmp_path) == path and not calls  # cached
+    assert dr.prepare_digits_resnet(tmp_path) == path and not calls  # cached
     # a backbone: any label set gets a fresh head; the processor converts digits to 3×32×32
     cfg = from_flat(
         {"model.task": "image-cls", "model.path": str(path), "data.labels": ic.DIGITS_LABELS}
