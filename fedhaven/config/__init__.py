@@ -122,7 +122,7 @@ class Config:
         central, fed = self.privacy.central, self.federation
         _require(
             not fed.secure_aggregation or central in SECURE_AGGREGATION_CENTRAL,
-            "privacy.central",
+            keys.PRIVACY_CENTRAL,
             central,
             "server-side clipping needs each site's update, which secure aggregation hides: "
             "use 'client-fixed' or 'client-adaptive', or federation.secure-aggregation = false",
@@ -131,7 +131,7 @@ class Config:
             return
         _require(
             fed.strategy in CENTRAL_DP_STRATEGIES,
-            "federation.strategy",
+            keys.FEDERATION_STRATEGY,
             fed.strategy,
             f"privacy.central = {central!r} calibrates its noise to the plain average of "
             f"clipped updates: use {' or '.join(CENTRAL_DP_STRATEGIES)}, or privacy.central = "
@@ -139,7 +139,7 @@ class Config:
         )
         _require(
             fed.update_norm_bound == 0,
-            "federation.update-norm-bound",
+            keys.FEDERATION_UPDATE_NORM_BOUND,
             fed.update_norm_bound,
             f"privacy.central = {central!r} already clips each update to privacy.central-clip:"
             " set it to 0",

@@ -146,21 +146,21 @@ class FederationConfig:
             self.fraction_evaluate,
             "must be in [0, 1]",
         )
-        _require(self.min_sites >= 1, "federation.min-sites", self.min_sites, "must be >= 1")
+        _require(self.min_sites >= 1, keys.FEDERATION_MIN_SITES, self.min_sites, "must be >= 1")
 
     def _check_rule(self) -> None:
         """The aggregation rule, its parameters and the update norm bounds it is given."""
         _require(
             self.strategy in STRATEGIES,
-            "federation.strategy",
+            keys.FEDERATION_STRATEGY,
             self.strategy,
             f"use one of {', '.join(STRATEGIES)}",
         )
         # Norm bounds compare each reply with the one adapter sent to every site; flexlora
         # sends each site factors of its own rank.
         for key, value in (
-            ("federation.update-norm-bound", self.update_norm_bound),
-            ("federation.max-update-norm", self.max_update_norm),
+            (keys.FEDERATION_UPDATE_NORM_BOUND, self.update_norm_bound),
+            (keys.FEDERATION_MAX_UPDATE_NORM, self.max_update_norm),
         ):
             _require(
                 self.strategy != "flexlora" or value == 0,
@@ -190,13 +190,13 @@ class FederationConfig:
         )
         _require(
             self.update_norm_bound >= 0,
-            "federation.update-norm-bound",
+            keys.FEDERATION_UPDATE_NORM_BOUND,
             self.update_norm_bound,
             "must be >= 0 (0 turns it off)",
         )
         _require(
             self.max_update_norm >= 0,
-            "federation.max-update-norm",
+            keys.FEDERATION_MAX_UPDATE_NORM,
             self.max_update_norm,
             "must be >= 0 (0 turns it off)",
         )
@@ -205,15 +205,15 @@ class FederationConfig:
         """What SecAgg+ cannot serve: rules and checks that need each site's own tensors."""
         _require(
             self.strategy in SECURE_AGGREGATION_STRATEGIES,
-            "federation.strategy",
+            keys.FEDERATION_STRATEGY,
             self.strategy,
             "secure aggregation reveals only the sites' mean, this rule needs each site's "
             f"update: use {', '.join(SECURE_AGGREGATION_STRATEGIES)}, or "
             "federation.secure-aggregation = false",
         )
         for key, value in (
-            ("federation.update-norm-bound", self.update_norm_bound),
-            ("federation.max-update-norm", self.max_update_norm),
+            (keys.FEDERATION_UPDATE_NORM_BOUND, self.update_norm_bound),
+            (keys.FEDERATION_MAX_UPDATE_NORM, self.max_update_norm),
         ):
             _require(
                 value == 0,
@@ -224,7 +224,7 @@ class FederationConfig:
             )
         _require(
             min(self.min_sites, self.sites) >= 2,
-            "federation.min-sites",
+            keys.FEDERATION_MIN_SITES,
             self.min_sites,
             "SecAgg+ masks each update with the other sites': it needs at least 2 sites per "
             "round (federation.sites and federation.min-sites >= 2)",

@@ -1,8 +1,8 @@
-"""Flat run-config keys (``<section>.<field>``, ``-`` for ``_``) that code names: the CLI's
-flags, the presets, the tuner's search space, the harness. One definition each, here; every
-key of :class:`fedhaven.config.Config` is valid in a flat config whether or not it is named
-here (:func:`fedhaven.config.valid_keys`). A site's own settings are node-config keys, not
-these: see :mod:`fedhaven.config`.
+"""Flat run-config keys (``<section>.<field>``, ``-`` for ``_``) that code names more than
+once: the CLI's flags, the presets, the tuner's search space, the harness, the config's own
+checks. One definition each, here; every key of :class:`fedhaven.config.Config` is valid in
+a flat config whether or not it is named here (:func:`fedhaven.config.valid_keys`). A site's
+own settings are node-config keys, not these: see :mod:`fedhaven.config`.
 """
 
 MODEL_PATH = "model.path"
@@ -27,6 +27,7 @@ TRAIN_SEED = "train.seed"
 PRIVACY_ENABLED = "privacy.enabled"
 PRIVACY_EPSILON = "privacy.epsilon"
 PRIVACY_MAX_GRAD_NORM = "privacy.max-grad-norm"
+PRIVACY_CENTRAL = "privacy.central"
 
 DATA_PATH = "data.path"
 DATA_TEST_PATH = "data.test-path"
@@ -42,3 +43,7 @@ FEDERATION_OUT_DIR = "federation.out-dir"
 FEDERATION_RESUME = "federation.resume"
 FEDERATION_ROUND_TIMEOUT = "federation.round-timeout"
 FEDERATION_REJOIN_WAIT = "federation.rejoin-wait"
+FEDERATION_MIN_SITES = "federation.min-sites"
+FEDERATION_STRATEGY = "federation.strategy"
+FEDERATION_UPDATE_NORM_BOUND = "federation.update-norm-bound"
+FEDERATION_MAX_UPDATE_NORM = "federation.max-update-norm"

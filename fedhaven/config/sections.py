@@ -222,7 +222,7 @@ class PrivacyConfig:
         )
         _require(
             self.central in CENTRAL_DP,
-            "privacy.central",
+            keys.PRIVACY_CENTRAL,
             self.central,
             f"use one of {', '.join(CENTRAL_DP)}",
         )
