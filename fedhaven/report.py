@@ -19,17 +19,21 @@ from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import precision_recall_fscore_support
 
 from fedhaven.errors import FedhavenError
+from fedhaven.run_record import (
+    ADAPTER_DIR,
+    METRICS_FILE,
+    MODEL_CARD_FILE,
+    PLOTS_DIR,
+    REPORT_FILE,
+    SUMMARY_FILE,
+    never_predicted,
+)
 
-#: The run directory's files (server/app.py writes the first three).
-ADAPTER_DIR, METRICS_FILE, SUMMARY_FILE = "adapter", "metrics.jsonl", "summary.json"
-REPORT_FILE, PLOTS_DIR = "report.md", "plots"
-#: How the sites ran, recorded in ``summary.json`` as ``engine`` (only a simulated run's
-#: data can be rebuilt, for ``fedhaven audit``).
-SIMULATION, DEPLOYMENT = "simulation", "deployment"
-PLOTS = ("global.png", "sites.png", "epsilon.png", "confusion.png")
-#: ``summary.json`` key of a classification run: the labels the final model never predicts
-#: on the held-out set (an empty list when it predicts every class).
-NEVER_PREDICTED = "never_predicted"
+# The run record owns these; imported from here too.
+from fedhaven.run_record import DEPLOYMENT as DEPLOYMENT
+from fedhaven.run_record import NEVER_PREDICTED as NEVER_PREDICTED
+from fedhaven.run_record import PLOTS as PLOTS
+from fedhaven.run_record import SIMULATION as SIMULATION
 
 
 def _read(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -67,13 +71,6 @@ def per_class(confusion: list[list[int]], labels: list[str]) -> list[dict[str, A
          "support": int(s[i])}
         for i, name in enumerate(labels)
     ]  # fmt: skip
-
-
-def never_predicted(confusion: list[list[int]], labels: list[str]) -> list[str]:
-    """The labels whose prediction column (rows: truth) is all zeros, in label order: classes
-    the model never outputs, whether or not the held-out set has examples of them."""
-    predicted = np.asarray(confusion).sum(axis=0)
-    return [name for name, n in zip(labels, predicted, strict=True) if n == 0]
 
 
 #: What runs written before tasks existed (text classification) evaluated.
@@ -307,9 +304,6 @@ def _markdown(summary: dict[str, Any], rounds: list[dict[str, Any]], names: dict
         "",
     ]
     return "\n".join(lines)
-
-
-MODEL_CARD_FILE = "model_card.md"
 
 
 def _count(value: Any) -> str:
