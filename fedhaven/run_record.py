@@ -26,7 +26,10 @@ if TYPE_CHECKING:
 ADAPTER_DIR, MODEL_CARD_FILE = "adapter", "model_card.md"
 METRICS_FILE, SUMMARY_FILE = "metrics.jsonl", "summary.json"
 REPORT_FILE, PLOTS_DIR = "report.md", "plots"
-PLOTS = ("global.png", "sites.png", "epsilon.png", "confusion.png")
+#: The plots in :data:`PLOTS_DIR`.
+GLOBAL_PLOT, SITES_PLOT, EPSILON_PLOT = "global.png", "sites.png", "epsilon.png"
+CONFUSION_PLOT = "confusion.png"  # classification only
+PLOTS = (GLOBAL_PLOT, SITES_PLOT, EPSILON_PLOT, CONFUSION_PLOT)
 #: The audit log, in the coordinator's run directory and in a site's state directory.
 AUDIT_FILE = "audit-log.jsonl"
 #: The checkpoint's folder (:mod:`fedhaven.server.checkpoint`).
@@ -51,7 +54,8 @@ EXAMPLES, VAL_EXAMPLES, TRAIN_LOSS = "examples", "val_examples", "train_loss"
 EPSILON = "epsilon"
 ROWS, FINGERPRINT = "rows", "fingerprint"
 #: The totals of a site's data checks (fedhaven.datacheck), as the record names them.
-DATA_CHECKS = ("rows_in", "dropped", "duplicates", "small_classes")
+ROWS_IN = "rows_in"  # the rows in the site's file, before its checks
+DATA_CHECKS = (ROWS_IN, "dropped", "duplicates", "small_classes")
 #: In the summary: the latest round the site took part in.
 LAST_ROUND = "last_round"
 
