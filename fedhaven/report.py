@@ -24,11 +24,13 @@ from fedhaven.run_record import (
     BEST_ROUND,
     CENTRAL_DP,
     CENTRAL_EPSILON,
+    CLIPPING_NORM,
     CONFIG,
     CONFUSION,
     CONFUSION_PLOT,
     DATA_CHECKS,
     DELTA,
+    DP_MODE,
     ENGINE,
     EPSILON,
     EPSILON_PLOT,
@@ -42,8 +44,10 @@ from fedhaven.run_record import (
     METRICS,
     METRICS_FILE,
     MODEL_CARD_FILE,
+    NOISE_MULTIPLIER,
     PER_CLASS_F1,
     PLOTS_DIR,
+    RELEASES,
     REPORT_FILE,
     ROUND,
     ROUNDS,
@@ -255,9 +259,9 @@ def _privacy(summary: dict[str, Any]) -> list[str]:
             else "- No record-level DP: the sites trained without noise."
         ),
         (
-            f"- Central DP ({central['mode']}, noise multiplier {central['noise_multiplier']:g}"
-            f", clip {central['clipping_norm']:.3g}): site-level ε = {central[EPSILON]:.2f} "
-            f"at δ = {central[DELTA]:g} over {central['releases']} released rounds."
+            f"- Central DP ({central[DP_MODE]}, noise multiplier {central[NOISE_MULTIPLIER]:g}"
+            f", clip {central[CLIPPING_NORM]:.3g}): site-level ε = {central[EPSILON]:.2f} "
+            f"at δ = {central[DELTA]:g} over {central[RELEASES]} released rounds."
             if central
             else "- No central DP."
         ),
@@ -446,8 +450,8 @@ def model_card(summary: dict[str, Any]) -> str:
     if central:
         lines.append("")
         lines.append(
-            f"- Site-level central DP ({central['mode']}): ε = {central[EPSILON]:.2f} at "
-            f"δ = {central[DELTA]:g} over {central['releases']} releases (Flower's RDP "
+            f"- Site-level central DP ({central[DP_MODE]}): ε = {central[EPSILON]:.2f} at "
+            f"δ = {central[DELTA]:g} over {central[RELEASES]} releases (Flower's RDP "
             "accountant)."
         )
     lines += [

@@ -64,6 +64,9 @@ ROUNDS, BEST_ROUND, STOPPED_EARLY = "rounds", "best_round", "stopped_early"
 TASK, PRIMARY_METRIC, METRICS, LABELS = "task", "primary_metric", "metrics", "labels"
 DELTA, CENTRAL_DP, CONFIG, ENGINE = "delta", "central_dp", "config", "engine"
 RESUMED_AFTER_ROUND, VERSIONS, RUN_DIR = "resumed_after_round", "versions", "run_dir"
+#: In ``central_dp``: the mode, noise and clipping bound, and the models released so far.
+DP_MODE, NOISE_MULTIPLIER, CLIPPING_NORM = "mode", "noise_multiplier", "clipping_norm"
+RELEASES = "releases"
 #: Written by the simulation when some sites scaled their updates (a hostile-site run).
 SIMULATED_UPDATE_SCALE = "simulated_update_scale"
 #: A classification run's labels the final model never predicts on the held-out set (an
@@ -164,10 +167,10 @@ def central_dp_row(
 ) -> dict[str, Any]:
     """The summary's ``central_dp``: site-level (ε, δ) of the released models."""
     return {
-        "mode": cfg.privacy.central,
-        "noise_multiplier": cfg.privacy.central_noise,
-        "clipping_norm": clipping_norm,
-        "releases": releases,
+        DP_MODE: cfg.privacy.central,
+        NOISE_MULTIPLIER: cfg.privacy.central_noise,
+        CLIPPING_NORM: clipping_norm,
+        RELEASES: releases,
         EPSILON: epsilon,
         DELTA: cfg.privacy.delta,
     }
