@@ -25,10 +25,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+# AUDIT_FILE: the log's file name, in the coordinator's run directory and in a site's state
+# directory (the run record owns the run directory's names).
+from fedhaven.run_record import AUDIT_FILE as AUDIT_FILE
 
-#: The log's file name, in the coordinator's run directory and in a site's state directory.
-AUDIT_FILE = "audit-log.jsonl"
+log = logging.getLogger(__name__)
 
 # Keys every event has.
 TIME = "time"

@@ -19,17 +19,54 @@ from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import precision_recall_fscore_support
 
 from fedhaven.errors import FedhavenError
+from fedhaven.run_record import (
+    ADAPTER_DIR,
+    BEST_ROUND,
+    CENTRAL_DP,
+    CENTRAL_EPSILON,
+    CLIPPING_NORM,
+    CONFIG,
+    CONFUSION,
+    CONFUSION_PLOT,
+    DATA_CHECKS,
+    DELTA,
+    DP_MODE,
+    ENGINE,
+    EPSILON,
+    EPSILON_PLOT,
+    EXAMPLES,
+    FINGERPRINT,
+    GLOBAL,
+    GLOBAL_PLOT,
+    LABELS,
+    LAST_ROUND,
+    MAX_EPSILON,
+    METRICS,
+    METRICS_FILE,
+    MODEL_CARD_FILE,
+    NOISE_MULTIPLIER,
+    PER_CLASS_F1,
+    PLOTS_DIR,
+    RELEASES,
+    REPORT_FILE,
+    ROUND,
+    ROUNDS,
+    ROWS,
+    ROWS_IN,
+    SIMULATED_UPDATE_SCALE,
+    SITES,
+    SITES_PLOT,
+    SUMMARY_FILE,
+    VERSIONS,
+    WALL_S,
+    never_predicted,
+)
 
-#: The run directory's files (server/app.py writes the first three).
-ADAPTER_DIR, METRICS_FILE, SUMMARY_FILE = "adapter", "metrics.jsonl", "summary.json"
-REPORT_FILE, PLOTS_DIR = "report.md", "plots"
-#: How the sites ran, recorded in ``summary.json`` as ``engine`` (only a simulated run's
-#: data can be rebuilt, for ``fedhaven audit``).
-SIMULATION, DEPLOYMENT = "simulation", "deployment"
-PLOTS = ("global.png", "sites.png", "epsilon.png", "confusion.png")
-#: ``summary.json`` key of a classification run: the labels the final model never predicts
-#: on the held-out set (an empty list when it predicts every class).
-NEVER_PREDICTED = "never_predicted"
+# The run record owns these; imported from here too.
+from fedhaven.run_record import DEPLOYMENT as DEPLOYMENT
+from fedhaven.run_record import NEVER_PREDICTED as NEVER_PREDICTED
+from fedhaven.run_record import PLOTS as PLOTS
+from fedhaven.run_record import SIMULATION as SIMULATION
 
 
 def _read(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -48,7 +85,7 @@ def _read(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
 def _site_names(rounds: list[dict[str, Any]]) -> dict[str, str]:
     """Flower's node ids are long random numbers: number the sites 1..N in a stable order."""
-    nodes = sorted({node for r in rounds for node in r["sites"]}, key=int)
+    nodes = sorted({node for r in rounds for node in r[SITES]}, key=int)
     return {node: f"site {i}" for i, node in enumerate(nodes, start=1)}
 
 
@@ -69,13 +106,6 @@ def per_class(confusion: list[list[int]], labels: list[str]) -> list[dict[str, A
     ]  # fmt: skip
 
 
-def never_predicted(confusion: list[list[int]], labels: list[str]) -> list[str]:
-    """The labels whose prediction column (rows: truth) is all zeros, in label order: classes
-    the model never outputs, whether or not the held-out set has examples of them."""
-    predicted = np.asarray(confusion).sum(axis=0)
-    return [name for name, n in zip(labels, predicted, strict=True) if n == 0]
-
-
 #: What runs written before tasks existed (text classification) evaluated.
 _CLASSIFICATION_METRICS = ["loss", "accuracy", "macro_f1"]
 _TASK_NAMES = {
@@ -86,7 +116,7 @@ _TASK_NAMES = {
 
 
 def _metrics(summary: dict[str, Any]) -> list[str]:
-    return summary.get("metrics", _CLASSIFICATION_METRICS)
+    return summary.get(METRICS, _CLASSIFICATION_METRICS)
 
 
 def _scores(summary: dict[str, Any]) -> list[str]:
@@ -100,9 +130,9 @@ def _title(metric: str) -> str:
 
 def _plot_global(rounds: list[dict[str, Any]], scores: list[str], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    x = [r["round"] for r in rounds]
+    x = [r[ROUND] for r in rounds]
     for key in scores:
-        ax.plot(x, [r["global"][key] for r in rounds], marker="o", label=key.replace("_", "-"))
+        ax.plot(x, [r[GLOBAL][key] for r in rounds], marker="o", label=key.replace("_", "-"))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="round", ylabel="held-out set", ylim=(0, 1), title="global model")
     ax.legend()
@@ -118,9 +148,9 @@ def _plot_sites(
     for ax, key in zip(np.atleast_1d(axes), scores, strict=True):
         for node, name in names.items():
             pts = [
-                (r["round"], r["sites"][node][key])
+                (r[ROUND], r[SITES][node][key])
                 for r in rounds
-                if node in r["sites"] and r["sites"][node][key] is not None
+                if node in r[SITES] and r[SITES][node][key] is not None
             ]
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=name)
@@ -136,13 +166,13 @@ def _plot_epsilon(rounds: list[dict[str, Any]], names: dict[str, str], path: Pat
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for node, name in names.items():
         pts = [
-            (r["round"], r["sites"][node]["epsilon"])
+            (r[ROUND], r[SITES][node][EPSILON])
             for r in rounds
-            if node in r["sites"] and r["sites"][node]["epsilon"] is not None
+            if node in r[SITES] and r[SITES][node][EPSILON] is not None
         ]
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", label=f"{name} (record-level)")
-    central = [(r["round"], r["central_epsilon"]) for r in rounds if r.get("central_epsilon")]
+    central = [(r[ROUND], r[CENTRAL_EPSILON]) for r in rounds if r.get(CENTRAL_EPSILON)]
     if central:
         ax.plot(*zip(*central, strict=True), "k--", marker="s", label="central (site-level)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -183,7 +213,7 @@ def _final(g: dict[str, Any], metrics: list[str]) -> str:
 def _hostile(summary: dict[str, Any]) -> list[str]:
     """A warning that the run is a robustness experiment, not a clean federation: some
     simulated sites scaled their updates (``--site-update-scale``)."""
-    scaled = summary.get("simulated_update_scale")
+    scaled = summary.get(SIMULATED_UPDATE_SCALE)
     if not scaled:
         return []
     which = ", ".join(
@@ -199,8 +229,8 @@ def _hostile(summary: dict[str, Any]) -> list[str]:
 def _never_predicted(summary: dict[str, Any]) -> list[str]:
     """A warning that the final model ignores some classes: a collapse its overall accuracy
     can hide. From the confusion matrix, so runs written before the summary key get it too."""
-    g = summary["global"]
-    missing = never_predicted(g["confusion"], summary["labels"]) if "confusion" in g else []
+    g = summary[GLOBAL]
+    missing = never_predicted(g[CONFUSION], summary[LABELS]) if CONFUSION in g else []
     if not missing:
         return []
     return [
@@ -211,60 +241,64 @@ def _never_predicted(summary: dict[str, Any]) -> list[str]:
     ]
 
 
-def _markdown(summary: dict[str, Any], rounds: list[dict[str, Any]], names: dict[str, str]) -> str:
-    cfg, g, labels = summary["config"], summary["global"], summary["labels"]
-    metrics, scores = _metrics(summary), _scores(summary)
-    central = summary.get("central_dp")
-    task = _TASK_NAMES[cfg.get("model.task", "seq-cls")]
-    lines = [
-        "# Run report",
-        "",
-        f"{summary['rounds']} rounds, {len(names)} sites ({summary.get('engine', '?')}), "
-        f"{task}, model `{cfg['model.path']}` + LoRA r={cfg['lora.r']}"
-        + (f", labels {', '.join(labels)}" if labels else "")
-        + f". Wall time {summary['wall_s']:.0f} s.",
-        "",
-        *_hostile(summary),
-        *_never_predicted(summary),
+def _image(name: str, plot: str) -> str:
+    return f"![{name}]({PLOTS_DIR}/{plot})"
+
+
+def _privacy(summary: dict[str, Any]) -> list[str]:
+    """The report's privacy section: record-level DP at the sites, central DP."""
+    cfg, central = summary[CONFIG], summary.get(CENTRAL_DP)
+    return [
         "## Privacy",
         "",
         (
             f"- Record-level DP at each site (DP-SGD, {cfg['privacy.accountant']} accountant): "
-            f"max ε = {summary['max_epsilon']:.2f} at δ = {summary['delta']:g} "
+            f"max ε = {summary[MAX_EPSILON]:.2f} at δ = {summary[DELTA]:g} "
             f"(target ε = {cfg['privacy.epsilon']:g})."
-            if summary["max_epsilon"] is not None
+            if summary[MAX_EPSILON] is not None
             else "- No record-level DP: the sites trained without noise."
         ),
         (
-            f"- Central DP ({central['mode']}, noise multiplier {central['noise_multiplier']:g}"
-            f", clip {central['clipping_norm']:.3g}): site-level ε = {central['epsilon']:.2f} "
-            f"at δ = {central['delta']:g} over {central['releases']} released rounds."
+            f"- Central DP ({central[DP_MODE]}, noise multiplier {central[NOISE_MULTIPLIER]:g}"
+            f", clip {central[CLIPPING_NORM]:.3g}): site-level ε = {central[EPSILON]:.2f} "
+            f"at δ = {central[DELTA]:g} over {central[RELEASES]} released rounds."
             if central
             else "- No central DP."
         ),
         "",
+    ]
+
+
+def _rounds_table(summary: dict[str, Any], rounds: list[dict[str, Any]]) -> list[str]:
+    """One row a round: the global model's metrics (scores first), ε, and the aggregation."""
+    metrics, scores = _metrics(summary), _scores(summary)
+    columns = [*scores, *(m for m in metrics if m not in scores)]
+    lines = [
         "## Rounds",
         "",
         "| round | wall s | "
-        + " | ".join(_title(m) for m in [*scores, *(m for m in metrics if m not in scores)])
+        + " | ".join(_title(m) for m in columns)
         + " | max site ε | central ε | sites used | rejected | bytes received "
         "| update norm, median / max |",
         "|---|---|" + "---|" * len(metrics) + "---|---|---|---|---|---|",
     ]
     for r in rounds:
-        values = [r["global"][m] for m in [*scores, *(m for m in metrics if m not in scores)]]
+        values = [r[GLOBAL][m] for m in columns]
         lines.append(
-            f"| {r['round']} | {r['wall_s']:.1f} | "
+            f"| {r[ROUND]} | {r[WALL_S]:.1f} | "
             + " | ".join(f"{v:.3f}" for v in values)
-            + f" | {_fmt(r['max_epsilon'], 2)} | {_fmt(r.get('central_epsilon'), 2)} "
+            + f" | {_fmt(r[MAX_EPSILON], 2)} | {_fmt(r.get(CENTRAL_EPSILON), 2)} "
             f"| {r.get('sites_used', '-')} | {r.get('rejected', '-')} "
             f"| {r.get('bytes_received', '-')} "
             f"| {_fmt(r.get('update_norm_median'), 3)} / {_fmt(r.get('update_norm_max'), 3)} |"
         )
-    lines += [
-        "",
-        "![global](plots/global.png)",
-        "",
+    return lines
+
+
+def _sites_table(summary: dict[str, Any], names: dict[str, str]) -> list[str]:
+    """One row a site: its latest round's validation scores and ε."""
+    scores = _scores(summary)
+    lines = [
         "## Sites",
         "",
         "| site | node | examples | "
@@ -273,43 +307,63 @@ def _markdown(summary: dict[str, Any], rounds: list[dict[str, Any]], names: dict
         "|---|---|---|" + "---|" * len(scores) + "---|---|",
     ]
     for node, name in names.items():
-        s = summary["sites"].get(node)
+        s = summary[SITES].get(node)
         if s is None:
             continue
         lines.append(
-            f"| {name} | {node} | {s['examples']} | "
+            f"| {name} | {node} | {s[EXAMPLES]} | "
             + " | ".join(_fmt(s.get(m)) for m in scores)
-            + f" | {_fmt(s['epsilon'], 2)} | {s['last_round']} |"
+            + f" | {_fmt(s[EPSILON], 2)} | {s[LAST_ROUND]} |"
         )
-    lines += [
+    return lines
+
+
+def _classes_table(g: dict[str, Any], labels: list[str]) -> list[str]:
+    """Precision, recall, F1 and support per class of the final model (classification)."""
+    missing = set(never_predicted(g[CONFUSION], labels))
+    lines = ["| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+    for c in per_class(g[CONFUSION], labels):
+        mark = " **(never predicted)**" if c["label"] in missing else ""
+        lines.append(
+            f"| {c['label']}{mark} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} "
+            f"| {c['support']} |"
+        )
+    return [*lines, "", _image("confusion", CONFUSION_PLOT), ""]
+
+
+def _markdown(summary: dict[str, Any], rounds: list[dict[str, Any]], names: dict[str, str]) -> str:
+    cfg, g, labels = summary[CONFIG], summary[GLOBAL], summary[LABELS]
+    task = _TASK_NAMES[cfg.get("model.task", "seq-cls")]
+    lines = [
+        "# Run report",
         "",
-        "![sites](plots/sites.png)",
+        f"{summary[ROUNDS]} rounds, {len(names)} sites ({summary.get(ENGINE, '?')}), "
+        f"{task}, model `{cfg['model.path']}` + LoRA r={cfg['lora.r']}"
+        + (f", labels {', '.join(labels)}" if labels else "")
+        + f". Wall time {summary[WALL_S]:.0f} s.",
         "",
-        "![epsilon](plots/epsilon.png)",
+        *_hostile(summary),
+        *_never_predicted(summary),
+        *_privacy(summary),
+        *_rounds_table(summary, rounds),
+        "",
+        _image("global", GLOBAL_PLOT),
+        "",
+        *_sites_table(summary, names),
+        "",
+        _image("sites", SITES_PLOT),
+        "",
+        _image("epsilon", EPSILON_PLOT),
         "",
         "## Final model on the held-out set",
         "",
-        _final(g, metrics),
+        _final(g, _metrics(summary)),
         "",
-    ]
-    if "confusion" in g:
-        missing = set(never_predicted(g["confusion"], labels))
-        lines += ["| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
-        for c in per_class(g["confusion"], labels):
-            mark = " **(never predicted)**" if c["label"] in missing else ""
-            lines.append(
-                f"| {c['label']}{mark} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} "
-                f"| {c['support']} |"
-            )
-        lines += ["", "![confusion](plots/confusion.png)", ""]
-    lines += [
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in summary["versions"].items()) + ".",
+        *(_classes_table(g, labels) if CONFUSION in g else []),
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in summary[VERSIONS].items()) + ".",
         "",
     ]
     return "\n".join(lines)
-
-
-MODEL_CARD_FILE = "model_card.md"
 
 
 def _count(value: Any) -> str:
@@ -319,22 +373,20 @@ def _count(value: Any) -> str:
 def _data_table(sites: dict[str, Any], names: dict[str, str]) -> list[str]:
     """Each site's rows and fingerprint; where sites checked their own files
     (fedhaven.datacheck), what the checks found, as totals."""
-    checked = any(s.get("rows_in") is not None for s in sites.values())
+    checked = any(s.get(ROWS_IN) is not None for s in sites.values())
     head = "| site | training rows | rows in all | data fingerprint |"
     if checked:
         head += " rows in file | dropped | duplicates removed | classes under minimum |"
     lines = [head, "|---" * head.count(" | ") + "|---|"]
     for node, name in names.items():
         s = sites[node]
-        fp = s.get("fingerprint")
+        fp = s.get(FINGERPRINT)
         line = (
-            f"| {name} | {s['examples']} | {s.get('rows', '-')} "
+            f"| {name} | {s[EXAMPLES]} | {s.get(ROWS, '-')} "
             f"| {'-' if fp is None else f'{int(fp):012x}'} |"
         )
         if checked:
-            line += " " + " | ".join(
-                _count(s.get(k)) for k in ("rows_in", "dropped", "duplicates", "small_classes")
-            )
+            line += " " + " | ".join(_count(s.get(k)) for k in DATA_CHECKS)
             line += " |"
         lines.append(line)
     if checked:
@@ -351,9 +403,9 @@ def _data_table(sites: dict[str, Any], names: dict[str, str]) -> list[str]:
 def model_card(summary: dict[str, Any]) -> str:
     """The adapter's model card, from the run's summary: what was trained, on what (counts
     and fingerprints the sites computed, never content), at what privacy cost, how well."""
-    cfg, g, labels = summary["config"], summary["global"], summary["labels"]
-    central = summary.get("central_dp")
-    sites = summary["sites"]
+    cfg, g, labels = summary[CONFIG], summary[GLOBAL], summary[LABELS]
+    central = summary.get(CENTRAL_DP)
+    sites = summary[SITES]
     task = cfg.get("model.task", "seq-cls")
     what = {
         "seq-cls": f"text classification into {', '.join(labels or [])} "
@@ -374,32 +426,32 @@ def model_card(summary: dict[str, Any]) -> str:
         f"{cfg['lora.dropout']}, on `{cfg['lora.target-modules']}` of layers "
         f"`{cfg['lora.layers'] or 'all'}`; trained in full: `{cfg['lora.modules-to-save']}`.",
         f"- Training: federated, strategy `{cfg.get('federation.strategy', 'fedavg')}`, "
-        f"{summary['rounds']} rounds (best round: {summary.get('best_round', summary['rounds'])}"
-        f"), {len(sites)} sites, {summary.get('engine', '?')}.",
+        f"{summary[ROUNDS]} rounds (best round: {summary.get(BEST_ROUND, summary[ROUNDS])}"
+        f"), {len(sites)} sites, {summary.get(ENGINE, '?')}.",
         "",
         "## Data (counts and fingerprints computed at each site; no content left a site)",
         "",
         *_data_table(sites, names),
     ]
     lines += ["", "## Privacy", ""]
-    if summary["max_epsilon"] is not None:
+    if summary[MAX_EPSILON] is not None:
         lines += [
             f"- Record-level differential privacy at each site: DP-SGD (Opacus, Gaussian "
             f"mechanism, per-example clipping at {cfg['privacy.max-grad-norm']}, Poisson "
             f"sampling), {cfg['privacy.accountant'].upper()} accountant over each site's "
-            f"whole history. δ = {summary['delta']:g}.",
+            f"whole history. δ = {summary[DELTA]:g}.",
             "",
             "| site | ε spent (cumulative, this and earlier runs on its ledger) |",
             "|---|---|",
-            *(f"| {names[n]} | {_fmt(sites[n]['epsilon'], 2)} |" for n in names),
+            *(f"| {names[n]} | {_fmt(sites[n][EPSILON], 2)} |" for n in names),
         ]
     else:
         lines.append("- No record-level differential privacy: the sites trained without noise.")
     if central:
         lines.append("")
         lines.append(
-            f"- Site-level central DP ({central['mode']}): ε = {central['epsilon']:.2f} at "
-            f"δ = {central['delta']:g} over {central['releases']} releases (Flower's RDP "
+            f"- Site-level central DP ({central[DP_MODE]}): ε = {central[EPSILON]:.2f} at "
+            f"δ = {central[DELTA]:g} over {central[RELEASES]} releases (Flower's RDP "
             "accountant)."
         )
     lines += [
@@ -409,15 +461,15 @@ def model_card(summary: dict[str, Any]) -> str:
         _final(g, _metrics(summary))
         + (
             " Per class F1: "
-            + ", ".join(f"{n} {f:.2f}" for n, f in zip(labels, g["per_class_f1"], strict=True))
+            + ", ".join(f"{n} {f:.2f}" for n, f in zip(labels, g[PER_CLASS_F1], strict=True))
             + "."
-            if "per_class_f1" in g
+            if PER_CLASS_F1 in g
             else ""
         ),
         "",
         "## Software",
         "",
-        ", ".join(f"{k} {v}" for k, v in summary["versions"].items()) + ".",
+        ", ".join(f"{k} {v}" for k, v in summary[VERSIONS].items()) + ".",
         "",
     ]
     return "\n".join(lines)
@@ -430,11 +482,11 @@ def write_report(run_dir: str | Path) -> Path:
     names = _site_names(rounds)
     plots = d / PLOTS_DIR
     plots.mkdir(exist_ok=True)
-    _plot_global(rounds, _scores(summary), plots / "global.png")
-    _plot_sites(rounds, names, _scores(summary), plots / "sites.png")
-    _plot_epsilon(rounds, names, plots / "epsilon.png")
-    if "confusion" in summary["global"]:
-        _plot_confusion(summary["global"]["confusion"], summary["labels"], plots / "confusion.png")
+    _plot_global(rounds, _scores(summary), plots / GLOBAL_PLOT)
+    _plot_sites(rounds, names, _scores(summary), plots / SITES_PLOT)
+    _plot_epsilon(rounds, names, plots / EPSILON_PLOT)
+    if CONFUSION in summary[GLOBAL]:
+        _plot_confusion(summary[GLOBAL][CONFUSION], summary[LABELS], plots / CONFUSION_PLOT)
     report = d / REPORT_FILE
     report.write_text(_markdown(summary, rounds, names))
     if (d / ADAPTER_DIR).is_dir():

@@ -41,7 +41,7 @@ def _bound(num_examples: list[int], peak: float) -> float:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, tiny_flat: dict[str, object]) -> dict[str, Any]:
     from fedhaven.config import from_flat
-    from fedhaven.server.app import CHECKPOINT_DIR, load_checkpoint
+    from fedhaven.server.checkpoint import CHECKPOINT_DIR, load_checkpoint
     from fedhaven.simulations import simulate
     from fedhaven.strategies import Validated
     from fedhaven.strategies.secagg import SecureAggregationGrid

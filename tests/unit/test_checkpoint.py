@@ -21,15 +21,14 @@ from fedhaven import protocol
 from fedhaven.client.app import handle_evaluate, handle_train
 from fedhaven.config import Config, from_flat
 from fedhaven.errors import FedhavenError
-from fedhaven.report import METRICS_FILE
-from fedhaven.server import app as server
-from fedhaven.server.app import (
-    CHECKPOINT_DIR,
+from fedhaven.run_record import CHECKPOINT_DIR, METRICS_FILE
+from fedhaven.server import checkpoint
+from fedhaven.server.app import build_strategy, run_server
+from fedhaven.server.checkpoint import (
     MANIFEST,
-    build_strategy,
+    Resumed,
     check_resumable,
     load_checkpoint,
-    run_server,
     save_checkpoint,
 )
 from fedhaven.strategies import central_dp
@@ -125,7 +124,7 @@ def test_a_failed_array_write_leaves_the_previous_checkpoint_loadable(
     def crash(*_: Any, **__: Any) -> None:
         raise OSError("killed mid-write")
 
-    monkeypatch.setattr(server.np, "savez", crash)
+    monkeypatch.setattr(checkpoint.np, "savez", crash)
     with pytest.raises(OSError):
         save_checkpoint(tmp_path, _state(2, first))
     monkeypatch.undo()
@@ -254,7 +253,7 @@ def test_a_resumed_strategy_sees_the_runs_round_numbers() -> None:
     # Flower's loop counts 1, 2, ... again; the strategy, and through the train config the
     # sites (learning-rate schedule, ledger), see 3, 4, ...
     base = build_strategy(Config().replace(**{"federation.sites": 2}))
-    resumed = server._Resumed(base, 2)
+    resumed = Resumed(base, 2)
     record = ArrayRecord({"w": torch.zeros(2)})
     msgs = list(resumed.configure_train(1, record, ConfigRecord(), FakeGrid([1, 2])))
     assert {m.content[protocol.CONFIG][protocol.SERVER_ROUND] for m in msgs} == {3}
@@ -277,7 +276,7 @@ class SitesGrid:
     """
 
     def __init__(self, flat: dict[str, Any], state_root: Path, sites: int = 2) -> None:
-        self.flat = flat
+        self.cfg = from_flat(flat)  # the handlers take the typed config
         self.contexts = {
             i + 1: Context(
                 run_id=1,
@@ -305,7 +304,7 @@ class SitesGrid:
         for msg in sorted(messages, key=lambda m: m.metadata.dst_node_id):
             context = self.contexts[msg.metadata.dst_node_id]
             handle = handle_train if msg.metadata.message_type == MessageType.TRAIN else None
-            out.append((handle or handle_evaluate)(msg, context, self.flat))
+            out.append((handle or handle_evaluate)(msg, context, self.cfg))
         return out
 
 

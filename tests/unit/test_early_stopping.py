@@ -6,7 +6,8 @@ import pytest
 
 from fedhaven.config import Config
 from fedhaven.errors import FedhavenError
-from fedhaven.server.app import EarlyStopping, validation_score
+from fedhaven.run_record import validation_score
+from fedhaven.server.app import EarlyStopping
 
 
 def _run(values: list[float | None], patience: int, min_delta: float = 0.0) -> tuple[int, int]:
