@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from fedhaven.config import (
@@ -46,11 +46,11 @@ class SiteConfig(Mapping[str, Any]):
 
     data_path: str | None = None
     state_dir: str | None = None
+    label_rule: str | None = None  # checked by fedhaven.datacheck.DataRules, which knows them
+    min_per_class: int | None = None
     epsilon_budget: float | None = None  # ε over the site's whole ledger
     delta: float | None = None  # δ of that budget
     lora_rank: int | None = None  # flexlora only
-    label_rule: str | None = None  # checked by fedhaven.datacheck.DataRules, which knows them
-    min_per_class: int | None = None
     partition_id: int | None = None  # a simulated site (Flower sets these)
     num_partitions: int | None = None
     update_scale: float | None = None  # a hostile simulated site (research only)
@@ -64,11 +64,11 @@ class SiteConfig(Mapping[str, Any]):
         site = cls(
             data_path=_text(node, DATA_PATH),
             state_dir=_text(node, STATE_DIR),
+            label_rule=_text(node, LABEL_RULE),
+            min_per_class=_min_per_class(node),
             epsilon_budget=_number(node, EPSILON_BUDGET),
             delta=_number(node, DELTA),
             lora_rank=_rank(node),
-            label_rule=_text(node, LABEL_RULE),
-            min_per_class=_min_per_class(node),
             partition_id=_whole(node, PARTITION_ID),
             num_partitions=_whole(node, NUM_PARTITIONS),
             update_scale=_number(node, UPDATE_SCALE),
@@ -108,12 +108,19 @@ class SiteConfig(Mapping[str, Any]):
         return hash(tuple(self.items()))
 
 
-#: Node-config key -> field name (``data-path`` -> ``data_path``), in the fields' order.
-_FIELDS = {f.name.replace("_", "-"): f.name for f in fields(SiteConfig)}
-assert set(_FIELDS) == {
-    DATA_PATH, STATE_DIR, EPSILON_BUDGET, DELTA, LORA_RANK, LABEL_RULE, MIN_PER_CLASS,
-    PARTITION_ID, NUM_PARTITIONS, UPDATE_SCALE,
-}  # fmt: skip
+#: Node-config key -> field name, in the order a node config lists them.
+_FIELDS = {
+    DATA_PATH: "data_path",
+    STATE_DIR: "state_dir",
+    LABEL_RULE: "label_rule",
+    MIN_PER_CLASS: "min_per_class",
+    EPSILON_BUDGET: "epsilon_budget",
+    DELTA: "delta",
+    LORA_RANK: "lora_rank",
+    PARTITION_ID: "partition_id",
+    NUM_PARTITIONS: "num_partitions",
+    UPDATE_SCALE: "update_scale",
+}
 
 
 def _text(node: Mapping[str, Any], key: str) -> str | None:
