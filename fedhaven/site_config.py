@@ -87,10 +87,6 @@ class SiteConfig(Mapping[str, Any]):
             raise FedhavenError(f"site setting '{key}' = {value!r} is invalid: give {what}")
         return self
 
-    def to_node(self) -> dict[str, Any]:
-        """The node config this stands for: the keys it sets."""
-        return dict(self.items())
-
     # --- the node-config view ---------------------------------------------------------
     def __getitem__(self, key: str) -> Any:
         value = getattr(self, _FIELDS.get(key, "-"), None)
@@ -104,7 +100,7 @@ class SiteConfig(Mapping[str, Any]):
     def __len__(self) -> int:
         return sum(1 for _ in self)
 
-    def __hash__(self) -> int:  # a cache key of the site's data (fedhaven.client.app)
+    def __hash__(self) -> int:  # frozen, like the run's Config: usable as a key
         return hash(tuple(self.items()))
 
 

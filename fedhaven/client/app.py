@@ -35,14 +35,13 @@ from fedhaven import auditlog, protocol
 from fedhaven import data as fdata
 from fedhaven.auditlog import AuditLog
 from fedhaven.client.mods import allowlist_mod, central_clipping_mod, secure_aggregation_mod
-from fedhaven.config import DATA_PATH as DATA_PATH
+from fedhaven.config import DATA_PATH, LORA_RANK, PARTITION_ID, Config, from_flat
+
+# Re-exported (redundant aliases) for callers that import them from here.
 from fedhaven.config import DELTA as DELTA
 from fedhaven.config import EPSILON_BUDGET as EPSILON_BUDGET
-from fedhaven.config import LORA_RANK as LORA_RANK
 from fedhaven.config import NUM_PARTITIONS as NUM_PARTITIONS
-from fedhaven.config import PARTITION_ID as PARTITION_ID
 from fedhaven.config import STATE_DIR as STATE_DIR
-from fedhaven.config import Config, from_flat
 from fedhaven.datacheck import DataReport, DataRules
 from fedhaven.encoded_cache import EncodedCache, cache_key
 from fedhaven.errors import FedhavenError
