@@ -45,6 +45,7 @@ from fedhaven.data import (
     split_train_val,
 )
 from fedhaven.errors import FedhavenError
+from fedhaven.site_config import SiteConfig
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +108,12 @@ class DataRules:
 
     @classmethod
     def from_node(cls, node: Mapping[str, Any]) -> DataRules:
-        """The rules in a node config (Flower passes numbers as int or float, or text)."""
-        raw = node.get(MIN_PER_CLASS, DEFAULT_MIN_PER_CLASS)
-        if isinstance(raw, float) and raw.is_integer():
-            raw = int(raw)
-        elif isinstance(raw, str) and raw.strip().isdigit():
-            raw = int(raw)
-        return cls(str(node.get(LABEL_RULE, DEFAULT_LABEL_RULE)), raw)
+        """The rules in a node config (parsed as :class:`fedhaven.site_config.SiteConfig`)."""
+        site = SiteConfig.from_node(node)
+        return cls(
+            DEFAULT_LABEL_RULE if site.label_rule is None else site.label_rule,
+            DEFAULT_MIN_PER_CLASS if site.min_per_class is None else site.min_per_class,
+        )
 
 
 @dataclass

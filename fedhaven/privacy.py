@@ -5,7 +5,8 @@ Here the accountant's history is handed in (``accountant_state``) and handed bac
 ε a site reports is cumulative over all rounds it trained in.
 
 What a site keeps on its own disk (its state directory) lives here too: the privacy ledger
-(:class:`Ledger`) and the noisy label prior it released in its current run (:class:`PriorStore`).
+(:class:`Ledger`) and the noisy label prior it released in its current run (:class:`PriorStore`);
+:class:`SitePrivacy` holds them, the run's memory and the site's budget check for one round.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from opacus import GradSampleModule, PrivacyEngine
@@ -25,9 +27,13 @@ from opacus.accountants import create_accountant
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
 
-from fedhaven.config import RESUME_MAY_CHANGE, Config, PrivacyConfig
+from fedhaven.config import EPSILON_BUDGET, RESUME_MAY_CHANGE, STATE_DIR, Config, PrivacyConfig
 from fedhaven.errors import FedhavenError
 from fedhaven.fileio import write_atomic
+from fedhaven.site_config import SiteConfig
+
+if TYPE_CHECKING:  # training imports this module
+    from fedhaven.training import RoundResult
 
 
 @dataclass
@@ -69,6 +75,15 @@ def sample_rate(num_examples: int, batch_size: int) -> float:
 Release = tuple[float, float, int]
 
 _MAX_SIGMA = 1e6
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """One DP round's noise, solved once before it runs: the budget check and the round
+    both use it."""
+
+    noise_multiplier: float  # σ of the round's DP-SGD steps
+    releases: list[Release]  # the Gaussian releases the round will make, in order
 
 
 def noise_for_budget(
@@ -321,3 +336,104 @@ class PriorStore:
         entry = {"run_identity": run_identity(cfg), "run_id": run_id, "prior": prior}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(self.path, lambda f: f.write((json.dumps(entry) + "\n").encode()))
+
+
+# Keys of the run's privacy memory (the site's node context.state record).
+ACCOUNTANT = "accountant"
+LABEL_PRIOR = "label-prior"
+
+
+class SitePrivacy:
+    """A site's privacy state for one training round.
+
+    The accountant's history comes from the site's ledger when it has a ``state-dir``
+    (cumulative over runs and restarts), else from the run's ``memory`` (the record the
+    ClientApp keeps in the node's ``context.state``: cumulative over the rounds of a run).
+    The run's label prior comes from that memory, else from the site's disk (a resumed run,
+    or a restarted site, has lost the memory but must not release it again).
+    """
+
+    def __init__(
+        self, site: SiteConfig, cfg: Config, run_id: int, memory: MutableMapping[str, Any]
+    ) -> None:
+        self.site, self.cfg, self.run_id, self.memory = site, cfg, run_id, memory
+        state_dir = site.state_dir
+        self.ledger = Ledger(state_dir) if state_dir is not None else None
+        self.priors = PriorStore(state_dir) if state_dir is not None else None
+        self.history = self.ledger.history() if self.ledger is not None else None  # read once
+        self.prior: list[float] | None = (
+            json.loads(str(memory[LABEL_PRIOR])) if LABEL_PRIOR in memory else None
+        )
+        if self.prior is None and self.priors is not None:
+            self.prior = self.priors.load(cfg, run_id)
+
+    def check_accountable(self) -> None:
+        """Refuse a budget this site cannot keep: no ledger to keep it in, or no DP at all.
+
+        The budget (ε, δ) is the site's node config; the coordinator's run config cannot
+        raise it, and a run config that turns DP off is refused outright.
+        """
+        if self.history is None:
+            raise FedhavenError(
+                f"node config sets {EPSILON_BUDGET} but no {STATE_DIR}: the budget "
+                "needs a ledger on the site's disk"
+            )
+        if not self.cfg.privacy.enabled:
+            raise FedhavenError(
+                f"refused: the run turns DP off, but this site allows ε={self.allowed:g}"
+            )
+
+    @property
+    def allowed(self) -> float:
+        return float(self.site.epsilon_budget or 0.0)
+
+    def check_budget(self, plan: RoundPlan) -> None:
+        """Refuse, before training, a round whose ``plan`` would take the site past its
+        budget (call :meth:`check_accountable` first)."""
+        privacy, history = self.cfg.privacy, self.history or []
+        delta = privacy.delta if self.site.delta is None else self.site.delta
+        spent = epsilon_of(history, delta, privacy.accountant)
+        after = epsilon_of([*history, *plan.releases], delta, privacy.accountant)
+        if after > self.allowed:
+            raise FedhavenError(
+                f"privacy budget exhausted: spent ε={spent:.2f}, this round would reach "
+                f"ε={after:.2f}, allowed ε={self.allowed:g} at δ={delta:g}"
+            )
+
+    def accountant_state(self) -> dict[str, Any] | None:
+        """The accountant's history before this round (``None``: none yet)."""
+        if self.history is not None:  # the site's whole history, across runs and restarts
+            return {"history": self.history, "mechanism": self.cfg.privacy.accountant}
+        if ACCOUNTANT in self.memory:  # this run's history, kept in the node's context
+            return json.loads(str(self.memory[ACCOUNTANT]))
+        return None
+
+    def record(self, result: RoundResult, server_round: int) -> None:
+        """Keep what the round spent and released: on the site's disk before the update can
+        leave it, and in the run's memory (never sent) for the site's next round."""
+        if self.ledger is not None and result.releases:
+            self.ledger.record(
+                run_id=self.run_id,
+                server_round=server_round,
+                steps=result.steps,
+                noise_multiplier=float(result.noise_multiplier or 0.0),
+                delta=self.cfg.privacy.delta,
+                releases=result.releases,
+                epsilon=float(result.epsilon or 0.0),
+            )
+        if self.priors is not None and self.prior is None and result.label_prior is not None:
+            # after the ledger counted its release, before the update (which used it) leaves
+            self.priors.save(self.cfg, self.run_id, result.label_prior)
+        if result.label_prior is not None:
+            self.memory[LABEL_PRIOR] = json.dumps(result.label_prior)
+        if result.accountant_state is not None:
+            self.memory[ACCOUNTANT] = json.dumps(result.accountant_state)
+
+    def state_dict(self) -> dict[str, str]:
+        """The run's privacy memory (accountant history, label prior), as JSON text."""
+        return {k: str(self.memory[k]) for k in (ACCOUNTANT, LABEL_PRIOR) if k in self.memory}
+
+    def load_state_dict(self, state: dict[str, str]) -> None:
+        self.memory.update(state)
+        if LABEL_PRIOR in state:
+            self.prior = json.loads(state[LABEL_PRIOR])

@@ -16,8 +16,16 @@ from torch.utils.hooks import RemovableHandle
 
 from fedhaven.config import Config
 from fedhaven.models import is_lora
+from fedhaven.privacy import (
+    PrivateRound,
+    Release,
+    RoundPlan,
+    make_private,
+    noise_for_budget,
+    private_generator,
+    sample_rate,
+)
 from fedhaven.privacy import label_prior as private_label_prior
-from fedhaven.privacy import make_private, noise_for_budget, private_generator, sample_rate
 from fedhaven.tasks import get_task
 
 
@@ -85,18 +93,24 @@ def logit_adjustment(cfg: Config) -> float:
     return cfg.train.logit_adjustment if get_task(cfg).classification else 0.0
 
 
-def round_releases(
-    cfg: Config, num_examples: int, *, release_prior: bool
-) -> list[tuple[float, float, int]]:
-    """The Gaussian releases one DP round at a site of this size will make, before it runs.
+def round_plan(cfg: Config, num_examples: int, *, release_prior: bool) -> RoundPlan:
+    """One DP round at a site of this size, before it runs: σ, solved once, and the
+    Gaussian releases the round will make.
 
-    The same σ ``train_round`` will solve for: a site checks its budget with this.
+    A site checks its budget with it and hands its σ to :func:`train_round`.
     """
     steps = steps_per_round(num_examples, cfg)
     rate = sample_rate(num_examples, min(cfg.train.batch_size, num_examples))
     prior = [(cfg.privacy.prior_noise, 1.0, 1)] if logit_adjustment(cfg) else []
     sigma = noise_for_budget(cfg.privacy, rate, steps * cfg.federation.rounds, tuple(prior))
-    return [*(prior if release_prior else []), (sigma, rate, steps)]
+    return RoundPlan(sigma, [*(prior if release_prior else []), (sigma, rate, steps)])
+
+
+def round_releases(
+    cfg: Config, num_examples: int, *, release_prior: bool
+) -> list[tuple[float, float, int]]:
+    """The Gaussian releases one DP round at a site of this size will make, before it runs."""
+    return round_plan(cfg, num_examples, release_prior=release_prior).releases
 
 
 def _add_proximal_gradient(
@@ -131,6 +145,70 @@ def _noise_only_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
     optimizer.zero_grad(set_to_none=True)
 
 
+def _label_prior(
+    data: TensorDataset, cfg: Config, label_prior: list[float] | None, generator: torch.Generator
+) -> tuple[list[float] | None, tuple[Release, ...], tuple[Release, ...]]:
+    """(the run's label prior, its release planned in every round, its release made now).
+
+    Under logit adjustment only: the histogram is released once per run (``label_prior``:
+    the one released earlier), and its noise is part of the run's budget in every round.
+    """
+    if not logit_adjustment(cfg):
+        return label_prior, (), ()
+    sigma = cfg.privacy.prior_noise if cfg.privacy.enabled else None
+    planned: tuple[Release, ...] = ((sigma, 1.0, 1),) if sigma is not None else ()
+    if label_prior is not None:
+        return label_prior, planned, ()
+    prior, release = private_label_prior(
+        data.tensors[-1], len(cfg.data.label_names), sigma, generator
+    )
+    return prior.tolist(), planned, (release,) if release else ()
+
+
+def _run_steps(
+    model: torch.nn.Module,
+    forward: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    cfg: Config,
+    steps: int,
+    adjust: torch.Tensor | None,
+) -> tuple[list[float], list[float]]:
+    """Take ``steps`` optimizer steps over ``loader``; returns each step's loss and time."""
+    device = next(model.parameters()).device
+    task = get_task(cfg)
+    names = task.input_names(loader.dataset)
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    losses: list[float] = []
+    step_seconds: list[float] = []
+    while len(losses) < steps:
+        for *inputs, target in loader:
+            t = time.perf_counter()
+            if len(target) == 0:  # Poisson sampling drew nobody (DP only: plain batches never
+                # are empty). DP-SGD still takes the step: noise only, and accounted for —
+                # skipping it would reveal that the batch was empty.
+                _noise_only_step(model, optimizer)
+                losses.append(float("nan"))
+                step_seconds.append(time.perf_counter() - t)
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                batch = {k: v.to(device) for k, v in zip(names, inputs, strict=True)}
+                # adjust: train only, predictions use the raw logits
+                loss = task.loss(forward(**batch).logits, target.to(device), adjust)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+                step_seconds.append(time.perf_counter() - t)
+                if before:  # once, after the first real step
+                    _check_weights_moved(model, before)
+                    before = {}
+            if len(losses) == steps:
+                break
+    optimizer.zero_grad(set_to_none=True)
+    return losses, step_seconds
+
+
 def train_round(
     model: torch.nn.Module,
     data: TensorDataset,
@@ -147,29 +225,19 @@ def train_round(
 
     ``accountant_state`` and ``label_prior`` come from the site's previous round (the
     result carries them): the label histogram is released once per run, not once per round.
+    ``noise_multiplier``: σ planned already (:func:`round_plan`; tests: 0), else solved here.
     ``proximal_mu`` > 0 adds FedProx's proximal term μ/2·‖w − w_start‖² over the trainable
     weights (w_start: the weights this round starts from, the global model's).
     """
-    device = next(model.parameters()).device
-    task = get_task(cfg)
     steps = steps_per_round(len(data), cfg)
     if cfg.privacy.enabled:  # sampling and histogram noise must not be replayable
         generator = private_generator()
     else:
         generator = torch.Generator().manual_seed(cfg.train.seed + server_round)
-    tau = logit_adjustment(cfg)
-    adjust = None
-    prior_sigma = cfg.privacy.prior_noise if cfg.privacy.enabled else None
-    planned, released = (), ()
-    if tau:
-        if prior_sigma is not None:
-            planned = ((prior_sigma, 1.0, 1),)  # part of the run's budget in every round
-        if label_prior is None:
-            prior, release = private_label_prior(
-                data.tensors[-1], len(cfg.data.label_names), prior_sigma, generator
-            )
-            label_prior = prior.tolist()
-            released = (release,) if release else ()
+    label_prior, planned, released = _label_prior(data, cfg, label_prior, generator)
+    adjust, tau = None, logit_adjustment(cfg)
+    if tau and label_prior is not None:
+        device = next(model.parameters()).device
         adjust = tau * torch.tensor(label_prior, device=device).log()
     loader = DataLoader(
         data, batch_size=min(cfg.train.batch_size, len(data)), shuffle=True, generator=generator
@@ -177,7 +245,8 @@ def train_round(
     optimizer = _optimizer(model, cfg, lr_factor(server_round, cfg))
     if proximal_mu:  # on the inner optimizer, before Opacus wraps it
         _add_proximal_gradient(model, optimizer, proximal_mu)
-    private = None
+    private: PrivateRound | None = None
+    forward = model
     if cfg.privacy.enabled:
         private = make_private(
             model,
@@ -191,42 +260,8 @@ def train_round(
             noise_multiplier=noise_multiplier,
             poisson_sampling=poisson_sampling,
         )
-        optimizer, loader = private.optimizer, private.loader
-        forward: torch.nn.Module = private.model
-    else:
-        forward = model
-
-    names = task.input_names(data)
-    model.train()
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    losses: list[float] = []
-    step_seconds: list[float] = []
-    while len(losses) < steps:
-        for *inputs, target in loader:
-            t = time.perf_counter()
-            if len(target) == 0:  # Poisson sampling drew nobody (DP only: plain batches never
-                # are empty). DP-SGD still takes the step: noise only, and accounted for —
-                # skipping it would reveal that the batch was empty.
-                _noise_only_step(model, optimizer)
-                losses.append(float("nan"))
-                step_seconds.append(time.perf_counter() - t)
-                if len(losses) == steps:
-                    break
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            logits = forward(**{k: v.to(device) for k, v in zip(names, inputs, strict=True)}).logits
-            # adjust: train only, predictions use the raw logits
-            loss = task.loss(logits, target.to(device), adjust)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            step_seconds.append(time.perf_counter() - t)
-            if before:  # once, after the first real step
-                _check_weights_moved(model, before)
-                before = {}
-            if len(losses) == steps:
-                break
-    optimizer.zero_grad(set_to_none=True)
+        optimizer, loader, forward = private.optimizer, private.loader, private.model
+    losses, step_seconds = _run_steps(model, forward, optimizer, loader, cfg, steps, adjust)
     result = RoundResult(
         num_examples=len(data),
         steps=len(losses),

@@ -17,7 +17,6 @@ its budget refused, each on disk before the reply leaves, like the ledger's entr
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -36,31 +35,28 @@ from fedhaven import auditlog, protocol
 from fedhaven import data as fdata
 from fedhaven.auditlog import AuditLog
 from fedhaven.client.mods import allowlist_mod, central_clipping_mod, secure_aggregation_mod
-from fedhaven.config import (
-    DATA_PATH,
-    DELTA,
-    EPSILON_BUDGET,
-    LORA_RANK,
-    NUM_PARTITIONS,
-    PARTITION_ID,
-    STATE_DIR,
-    Config,
-    from_flat,
-)
+from fedhaven.config import DATA_PATH, LORA_RANK, PARTITION_ID, Config, from_flat
+
+# Re-exported (redundant aliases) for callers that import them from here.
+from fedhaven.config import DELTA as DELTA
+from fedhaven.config import EPSILON_BUDGET as EPSILON_BUDGET
+from fedhaven.config import NUM_PARTITIONS as NUM_PARTITIONS
+from fedhaven.config import STATE_DIR as STATE_DIR
 from fedhaven.datacheck import DataReport, DataRules
 from fedhaven.encoded_cache import EncodedCache, cache_key
 from fedhaven.errors import FedhavenError
 from fedhaven.models import adapter_state, build_model, refactor_lora, set_adapter_state
-from fedhaven.privacy import Ledger, PriorStore, Release, epsilon_of
+from fedhaven.privacy import ACCOUNTANT as ACCOUNTANT
+from fedhaven.privacy import LABEL_PRIOR as LABEL_PRIOR
+from fedhaven.privacy import RoundPlan, SitePrivacy
+from fedhaven.site_config import SiteConfig
 from fedhaven.tasks import get_task
-from fedhaven.training import default_device, evaluate, round_releases, train_round
+from fedhaven.training import RoundResult, default_device, evaluate, round_plan, train_round
 
-#: A simulated site's own node settings by partition id (the harness stands in for operators).
-SiteSettings = Mapping[int, Mapping[str, Any]]
-# context.state record holding this site's accountant history across rounds.
+#: A simulated site's own settings by partition id (the harness stands in for operators).
+SiteSettings = Mapping[int, SiteConfig]
+# context.state record holding this site's privacy memory (fedhaven.privacy.SitePrivacy).
 PRIVACY_STATE = "privacy"
-ACCOUNTANT = "accountant"
-LABEL_PRIOR = "label-prior"
 COUNTS = "counts"  # the encoded-rows cache's entry for a site's counts and data report
 DATA_LOGGED = "data-checked"  # the run's data_checked audit event is written
 
@@ -79,12 +75,12 @@ def site_config(context: Context, cfg: Config | None) -> Config:
     return cfg or _run_config(tuple(sorted(context.run_config.items())))
 
 
-def node_settings(context: Context, sites: SiteSettings | None = None) -> dict[str, Any]:
-    """The site's own settings: its node config, plus a simulated partition's settings."""
+def node_settings(context: Context, sites: SiteSettings | None = None) -> SiteConfig:
+    """The site's own settings, checked: its node config, plus a simulated partition's."""
     node = dict(context.node_config)
     if sites and PARTITION_ID in node:
         node.update(sites.get(int(node[PARTITION_ID]), {}))
-    return node
+    return SiteConfig.from_node(node)
 
 
 def with_site_rank(cfg: Config, node: Mapping[str, Any]) -> Config:
@@ -94,18 +90,8 @@ def with_site_rank(cfg: Config, node: Mapping[str, Any]) -> Config:
     run's: the coordinator then adds up the sites' products unscaled
     (:mod:`fedhaven.strategies.flexlora`).
     """
-    if LORA_RANK not in node:
-        return cfg
-    raw, lora = node[LORA_RANK], cfg.lora
-    rank = raw if isinstance(raw, int) and not isinstance(raw, bool) else None
-    if isinstance(raw, str) and raw.strip().isdigit():
-        rank = int(raw)
-    if rank is None or rank < 1:
-        raise FedhavenError(
-            f"site setting '{LORA_RANK}' = {raw!r} is invalid: give the site's LoRA rank, "
-            "a whole number >= 1"
-        )
-    if rank == lora.r:
+    rank, lora = SiteConfig.from_node(node).lora_rank, cfg.lora
+    if rank is None or rank == lora.r:
         return cfg
     if cfg.federation.strategy != "flexlora":
         raise FedhavenError(
@@ -190,10 +176,11 @@ def _encoded(cfg: Config, node_key: tuple[Any, ...], split: int) -> TensorDatase
 
 
 def _node_key(node: Mapping[str, Any]) -> tuple[Any, ...]:
-    if DATA_PATH in node:
-        rules = DataRules.from_node(node)
-        return (DATA_PATH, str(node[DATA_PATH]), str(node.get(STATE_DIR, "")), rules)
-    return (PARTITION_ID, int(node[PARTITION_ID]), int(node[NUM_PARTITIONS]), None)
+    site = SiteConfig.from_node(node)
+    if site.data_path is not None:
+        rules = DataRules.from_node(site)
+        return (DATA_PATH, site.data_path, site.state_dir or "", rules)
+    return (PARTITION_ID, site.partition_id, site.num_partitions, None)
 
 
 def site_train(cfg: Config, node: Mapping[str, Any]) -> TensorDataset:
@@ -241,7 +228,8 @@ def data_metrics(report: DataReport | None) -> dict[str, float]:
 
 def site_audit_log(node: Mapping[str, Any]) -> AuditLog | None:
     """The site's own audit log, in its state dir (``None`` without one)."""
-    return AuditLog(Path(str(node[STATE_DIR])) / auditlog.AUDIT_FILE) if STATE_DIR in node else None
+    state_dir = SiteConfig.from_node(node).state_dir
+    return AuditLog(Path(state_dir) / auditlog.AUDIT_FILE) if state_dir is not None else None
 
 
 def _global_model(cfg: Config, msg: Message):
@@ -253,34 +241,45 @@ def _global_model(cfg: Config, msg: Message):
     return model
 
 
-def check_budget(
-    cfg: Config,
-    node: Mapping[str, Any],
-    history: list[Release] | None,
-    num_examples: int,
-    has_prior: bool,
-) -> None:
-    """Refuse, before training, a round that would take the site past its own budget.
-
-    The budget (ε, δ) is the site's node config; the coordinator's run config cannot raise
-    it, and a run config that turns DP off is refused outright.
-    """
-    allowed, delta = float(node[EPSILON_BUDGET]), float(node.get(DELTA, cfg.privacy.delta))
-    if history is None:
-        raise FedhavenError(
-            f"node config sets {EPSILON_BUDGET} but no {STATE_DIR}: the budget "
-            "needs a ledger on the site's disk"
-        )
+def _round_plan(cfg: Config, site: SiteConfig, privacy: SitePrivacy, n: int) -> RoundPlan | None:
+    """The round's DP plan (``None``: no DP), σ solved once for the budget check and the
+    round; a site with a budget refuses, before any training, a round past it."""
+    budget = site.epsilon_budget is not None
+    if budget:
+        privacy.check_accountable()
     if not cfg.privacy.enabled:
-        raise FedhavenError(f"refused: the run turns DP off, but this site allows ε={allowed:g}")
-    planned = round_releases(cfg, num_examples, release_prior=not has_prior)
-    spent = epsilon_of(history, delta, cfg.privacy.accountant)
-    after = epsilon_of([*history, *planned], delta, cfg.privacy.accountant)
-    if after > allowed:
-        raise FedhavenError(
-            f"privacy budget exhausted: spent ε={spent:.2f}, this round would reach "
-            f"ε={after:.2f}, allowed ε={allowed:g} at δ={delta:g}"
-        )
+        return None
+    plan = round_plan(cfg, n, release_prior=privacy.prior is None)
+    if budget:
+        privacy.check_budget(plan)
+    return plan
+
+
+def _refuse(msg: Message, error: FedhavenError, audit: AuditLog | None, run_id: int) -> Message:
+    """A deliberate answer, not a crash: an error reply naming spent and allowed ε."""
+    server_round = int(msg.content[protocol.CONFIG].get(protocol.SERVER_ROUND, 1))
+    log.warning("round %d refused: %s", server_round, error)
+    if audit is not None:
+        audit.record(auditlog.REFUSED, run_id=run_id, round=server_round, reason=str(error))
+    return Message(Error(code=protocol.REFUSED, reason=str(error)), reply_to=msg)
+
+
+def _train_metrics(
+    cfg: Config, site: SiteConfig, result: RoundResult, report: DataReport | None
+) -> dict[str, float]:
+    metrics: dict[str, float] = {
+        protocol.NUM_EXAMPLES: result.num_examples,
+        protocol.TRAIN_LOSS: result.loss,
+        protocol.STEPS: result.steps,
+        protocol.SITE_WEIGHT: 1.0,
+        protocol.DATA_ROWS: site_row_count(cfg, site),
+        protocol.DATA_FINGERPRINT: site_fingerprint(cfg, site),
+        **data_metrics(report),
+    }
+    if result.epsilon is not None:
+        metrics[protocol.EPSILON] = result.epsilon
+        metrics[protocol.NOISE_MULTIPLIER] = float(result.noise_multiplier or 0.0)
+    return metrics
 
 
 def handle_train(
@@ -290,89 +289,42 @@ def handle_train(
     sites: SiteSettings | None = None,
 ) -> Message:
     entered = time.time()
-    node = node_settings(context, sites)
-    cfg = with_site_rank(site_config(context, run), node)
-    train = site_train(cfg, node)
+    site = node_settings(context, sites)
+    cfg = with_site_rank(site_config(context, run), site)
+    train = site_train(cfg, site)
     model = _global_model(cfg, msg)
-    state = context.state.get(PRIVACY_STATE) or ConfigRecord()
+    memory = context.state.get(PRIVACY_STATE) or ConfigRecord()
     config = msg.content[protocol.CONFIG]
     server_round = int(config.get(protocol.SERVER_ROUND, 1))
-    proximal_mu = float(config.get(protocol.PROXIMAL_MU, 0.0))  # FedProx sends it
-    ledger = Ledger(str(node[STATE_DIR])) if STATE_DIR in node else None
-    audit = site_audit_log(node)
-    history = ledger.history() if ledger is not None else None  # read the file once
-    # The run's label prior: in the node's run memory, else on the site's disk (a resumed
-    # run, or a restarted site, has lost that memory but must not release it again).
-    priors = PriorStore(str(node[STATE_DIR])) if STATE_DIR in node else None
-    prior = json.loads(str(state[LABEL_PRIOR])) if LABEL_PRIOR in state else None
-    if prior is None and priors is not None:
-        prior = priors.load(cfg, context.run_id)
-    report = site_data_report(cfg, node)
-    if audit is not None and report is not None and DATA_LOGGED not in state:
+    privacy = SitePrivacy(site, cfg, context.run_id, memory)
+    audit = site_audit_log(site)
+    report = site_data_report(cfg, site)
+    if audit is not None and report is not None and DATA_LOGGED not in memory:
         # once per run: the counts of the checks, on the site's disk (state-dir) only
         audit.record(auditlog.DATA_CHECKED, run_id=context.run_id, **report.to_dict())
-        state[DATA_LOGGED] = True
-    if EPSILON_BUDGET in node:  # before any training: a refused round touches nothing
-        try:
-            check_budget(cfg, node, history, len(train), has_prior=prior is not None)
-        except FedhavenError as e:
-            # A deliberate answer, not a crash: an error reply naming spent and allowed ε.
-            log.warning("round %d refused: %s", server_round, e)
-            if audit is not None:
-                audit.record(
-                    auditlog.REFUSED, run_id=context.run_id, round=server_round, reason=str(e)
-                )
-            return Message(Error(code=protocol.REFUSED, reason=str(e)), reply_to=msg)
-    if history is not None:  # the site's whole history, across runs and restarts
-        accountant_state = {"history": history, "mechanism": cfg.privacy.accountant}
-    elif ACCOUNTANT in state:  # this run's history, kept in the node's context
-        accountant_state = json.loads(str(state[ACCOUNTANT]))
-    else:
-        accountant_state = None
+        memory[DATA_LOGGED] = True
+    try:
+        plan = _round_plan(cfg, site, privacy, len(train))
+    except FedhavenError as e:
+        if site.epsilon_budget is None:  # no budget to keep: not a refusal
+            raise
+        return _refuse(msg, e, audit, context.run_id)
     train_started = time.perf_counter()
     result = train_round(
         model,
         train,
         cfg,
         server_round=server_round,
-        accountant_state=accountant_state,
-        label_prior=prior,
-        proximal_mu=proximal_mu,
+        accountant_state=privacy.accountant_state(),
+        label_prior=privacy.prior,
+        noise_multiplier=None if plan is None else plan.noise_multiplier,
+        proximal_mu=float(config.get(protocol.PROXIMAL_MU, 0.0)),  # FedProx sends it
     )
     train_s = time.perf_counter() - train_started
-    if ledger is not None and result.releases:
-        # On the site's disk before the update can leave it.
-        ledger.record(
-            run_id=context.run_id,
-            server_round=server_round,
-            steps=result.steps,
-            noise_multiplier=float(result.noise_multiplier or 0.0),
-            delta=cfg.privacy.delta,
-            releases=result.releases,
-            epsilon=float(result.epsilon or 0.0),
-        )
-    # Site-private state: never sent, kept for this site's next round of the run.
-    if priors is not None and prior is None and result.label_prior is not None:
-        # after the ledger counted its release, before the update (which used it) leaves
-        priors.save(cfg, context.run_id, result.label_prior)
-    if result.label_prior is not None:
-        state[LABEL_PRIOR] = json.dumps(result.label_prior)
-    if result.accountant_state is not None:
-        state[ACCOUNTANT] = json.dumps(result.accountant_state)
-    if state:
-        context.state[PRIVACY_STATE] = state
-    metrics: dict[str, float] = {
-        protocol.NUM_EXAMPLES: result.num_examples,
-        protocol.TRAIN_LOSS: result.loss,
-        protocol.STEPS: result.steps,
-        protocol.SITE_WEIGHT: 1.0,
-        protocol.DATA_ROWS: site_row_count(cfg, node),
-        protocol.DATA_FINGERPRINT: site_fingerprint(cfg, node),
-        **data_metrics(report),
-    }
-    if result.epsilon is not None:
-        metrics[protocol.EPSILON] = result.epsilon
-        metrics[protocol.NOISE_MULTIPLIER] = float(result.noise_multiplier or 0.0)
+    privacy.record(result, server_round)  # on the site's disk before the update can leave it
+    if memory:  # site-private, never sent: kept for this site's next round of the run
+        context.state[PRIVACY_STATE] = memory
+    metrics = _train_metrics(cfg, site, result, report)
     content = protocol.train_reply(adapter_state(model), metrics)
     if audit is not None:  # what leaves the site, on its disk before it leaves
         arrays = content[protocol.ARRAYS]
@@ -384,14 +336,18 @@ def handle_train(
             bytes=protocol.record_nbytes(arrays),
             metrics=sorted(metrics),
             epsilon=result.epsilon,
-            # where the message's time went at the site (a deployed site: one process each)
-            timings={
-                "process_s": round(entered - psutil.Process().create_time(), 3),
-                "handler_s": round(time.time() - entered, 3),
-                "train_s": round(train_s, 3),
-            },
+            timings=_timings(entered, train_s),
         )
     return Message(content, reply_to=msg)
+
+
+def _timings(entered: float, train_s: float) -> dict[str, float]:
+    """Where the message's time went at the site (a deployed site: one process each)."""
+    return {
+        "process_s": round(entered - psutil.Process().create_time(), 3),
+        "handler_s": round(time.time() - entered, 3),
+        "train_s": round(train_s, 3),
+    }
 
 
 def handle_evaluate(

@@ -19,21 +19,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedhaven.config import (
-    DATA_PATH,
-    DELTA,
-    EPSILON_BUDGET,
-    LABEL_RULE,
-    LORA_RANK,
-    MIN_PER_CLASS,
-    STATE_DIR,
-)
 from fedhaven.datacheck import DataRules
 from fedhaven.deploy import warm
 from fedhaven.deploy.certs import (
@@ -57,6 +49,7 @@ from fedhaven.deploy.process import (
     warn,
 )
 from fedhaven.errors import FedhavenError
+from fedhaven.site_config import SiteConfig
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 9094  # the SuperNode's local Runtime API
 MAX_WAIT_S = 120.0
@@ -182,6 +175,26 @@ def _toml_value(value: str | float) -> str:
     raise FedhavenError(f"path {value!r} contains both ' and \": Flower cannot pass it on")
 
 
+def site_from_flags(
+    data: Path,
+    state: Path,
+    epsilon_budget: float | None = None,
+    delta: float | None = None,
+    lora_rank: int | None = None,
+    rules: DataRules | None = None,
+) -> SiteConfig:
+    """The site's own settings from the launcher's flags (unchecked: :meth:`SiteConfig.check`)."""
+    return SiteConfig(
+        data_path=str(data),
+        state_dir=str(state),
+        label_rule=None if rules is None else rules.label_rule,
+        min_per_class=None if rules is None else rules.min_per_class,
+        epsilon_budget=None if epsilon_budget is None else float(epsilon_budget),
+        delta=None if delta is None else float(delta),
+        lora_rank=None if lora_rank is None else int(lora_rank),
+    )
+
+
 def node_config(
     data: Path,
     state: Path,
@@ -191,16 +204,13 @@ def node_config(
     rules: DataRules | None = None,
 ) -> str:
     """The SuperNode's ``--node-config``: the site's own settings, for the ClientApp."""
-    items: dict[str, str | float] = {DATA_PATH: str(data), STATE_DIR: str(state)}
-    if rules is not None:
-        items[LABEL_RULE], items[MIN_PER_CLASS] = rules.label_rule, rules.min_per_class
-    if epsilon_budget is not None:
-        items[EPSILON_BUDGET] = float(epsilon_budget)
-    if delta is not None:
-        items[DELTA] = float(delta)
-    if lora_rank is not None:
-        items[LORA_RANK] = int(lora_rank)
-    return " ".join(f"{k}={_toml_value(v)}" for k, v in items.items())
+    site = site_from_flags(data, state, epsilon_budget, delta, lora_rank, rules)
+    return node_config_text(site)
+
+
+def node_config_text(site: SiteConfig) -> str:
+    """``site`` as the SuperNode's ``--node-config`` (the keys it sets)."""
+    return " ".join(f"{k}={_toml_value(v)}" for k, v in site.items())
 
 
 def supernode_command(
@@ -290,78 +300,31 @@ def _warm_start(env: dict[str, str]) -> Iterator[dict[str, str]]:
             process.stop()
 
 
-def serve(
-    *,
-    coordinator: str,
-    certs: Path | None,
-    key: Path | None,
-    data: Path,
-    state: Path,
-    epsilon_budget: float | None = None,
-    delta: float | None = None,
-    lora_rank: int | None = None,
-    rules: DataRules | None = None,
-    host: str = DEFAULT_HOST,
-    port: int = DEFAULT_PORT,
-    max_wait_s: float = MAX_WAIT_S,
-    insecure: bool = False,
-    warm_start: bool = True,
-) -> None:
-    """Run the site's SuperNode in the foreground until Ctrl-C or SIGTERM.
-
-    With ``warm_start`` the site keeps one process with the ClientApp's imports done and
-    forks it for each message (:mod:`fedhaven.deploy.warm`).
-    """
-    parse_coordinator(coordinator)
+def _tls_inputs(
+    certs: Path | None, key: Path | None, insecure: bool
+) -> tuple[Path | None, Path | None]:
+    """(CA certificate, site key), checked; ``(None, None)`` with ``insecure``."""
     if insecure:
         warn(INSECURE_WARNING)
         if certs is not None or key is not None:
             raise FedhavenError(
                 "--insecure uses no certificate and no key: drop --certs and --key, or --insecure"
             )
-        ca = private_key = None
-    else:
-        if certs is None or key is None:
-            raise FedhavenError(
-                "--certs (the coordinator's ca.crt) and --key (this site's NAME.key) are "
-                "required: the coordinator gives out ca.crt, `fedhaven certs site` makes the key"
-            )
-        ca = check_ca(certs).resolve()
-        private_key = check_key(key).resolve()
-    data = check_data(data).resolve()
-    if epsilon_budget is not None and not (0 < epsilon_budget and math.isfinite(epsilon_budget)):
+        return None, None
+    if certs is None or key is None:
         raise FedhavenError(
-            f"--epsilon-budget {epsilon_budget:g} is invalid: give a positive number, e.g. 8"
+            "--certs (the coordinator's ca.crt) and --key (this site's NAME.key) are "
+            "required: the coordinator gives out ca.crt, `fedhaven certs site` makes the key"
         )
-    if delta is not None and not 0 < delta < 1:
-        raise FedhavenError(f"--delta {delta:g} is invalid: give a number in (0, 1), e.g. 1e-5")
-    if lora_rank is not None and lora_rank < 1:
-        raise FedhavenError(f"--lora-rank {lora_rank} is invalid: give a whole number >= 1, e.g. 4")
-    if not (max_wait_s > 0 and math.isfinite(max_wait_s)):
-        raise FedhavenError(f"--max-wait {max_wait_s:g} is invalid: give seconds, e.g. 120")
-    supernode = executable("flower-supernode")
-    check_port_free(host, port)
-    if ca is not None:
-        check_coordinator_tls(*parse_coordinator(coordinator), ca)
+    return check_ca(certs).resolve(), check_key(key).resolve()
 
-    # Checks done: from here on the state directory is written.
-    state = make_private_dir(state.expanduser().resolve(), "state directory")
-    flwr_home = make_private_dir(state / FLWR_HOME_DIR, "Flower directory")
-    command = supernode_command(
-        superlink=coordinator,
-        root_certificates=ca,
-        private_key=private_key,
-        node_config=node_config(data, state, epsilon_budget, delta, lora_rank, rules),
-        host=host,
-        port=port,
-        max_wait_s=max_wait_s,
-        executable=supernode,
-    )
+
+def _run_supernode(
+    command: list[str], env: dict[str, str], coordinator: str, max_wait_s: float, warm_start: bool
+) -> tuple[FlowerProcess, int | None] | None:
+    """Run the SuperNode until it ends (the ended process and its exit code, ``None``: it
+    gave up but still ran) or until Ctrl-C (``None``)."""
     deadline = time.monotonic() + max_wait_s
-    env = flower_env(flwr_home)
-    # Flower's SuperExec looks for a message to start every second by default; a tenth of
-    # that costs nothing next to training and takes ~0.45 s off each message's wait.
-    env.setdefault(TASK_POLL_ENV, "0.1")
     with interrupt_on_signals(), contextlib.ExitStack() as stack:
         if warm_start:
             env = stack.enter_context(_warm_start(env))
@@ -392,11 +355,67 @@ def serve(
                     continue
             except KeyboardInterrupt:
                 say("stopping the SuperNode")
-                return
+                return None
             finally:
                 if node is not None:
                     node.stop()
-            break
+            return node, code
+
+
+def serve(
+    *,
+    coordinator: str,
+    certs: Path | None,
+    key: Path | None,
+    data: Path,
+    state: Path,
+    epsilon_budget: float | None = None,
+    delta: float | None = None,
+    lora_rank: int | None = None,
+    rules: DataRules | None = None,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    max_wait_s: float = MAX_WAIT_S,
+    insecure: bool = False,
+    warm_start: bool = True,
+) -> None:
+    """Run the site's SuperNode in the foreground until Ctrl-C or SIGTERM.
+
+    With ``warm_start`` the site keeps one process with the ClientApp's imports done and
+    forks it for each message (:mod:`fedhaven.deploy.warm`).
+    """
+    parse_coordinator(coordinator)
+    ca, private_key = _tls_inputs(certs, key, insecure)
+    data = check_data(data).resolve()
+    site = site_from_flags(data, state, epsilon_budget, delta, lora_rank, rules).check(flags=True)
+    if not (max_wait_s > 0 and math.isfinite(max_wait_s)):
+        raise FedhavenError(f"--max-wait {max_wait_s:g} is invalid: give seconds, e.g. 120")
+    supernode = executable("flower-supernode")
+    check_port_free(host, port)
+    if ca is not None:
+        check_coordinator_tls(*parse_coordinator(coordinator), ca)
+
+    # Checks done: from here on the state directory is written.
+    state = make_private_dir(state.expanduser().resolve(), "state directory")
+    flwr_home = make_private_dir(state / FLWR_HOME_DIR, "Flower directory")
+    command = supernode_command(
+        superlink=coordinator,
+        root_certificates=ca,
+        private_key=private_key,
+        node_config=node_config_text(replace(site, state_dir=str(state))),
+        host=host,
+        port=port,
+        max_wait_s=max_wait_s,
+        executable=supernode,
+    )
+    env = flower_env(flwr_home)
+    # Flower's SuperExec looks for a message to start every second by default; a tenth of
+    # that costs nothing next to training and takes ~0.45 s off each message's wait.
+    env.setdefault(TASK_POLL_ENV, "0.1")
+    ended = _run_supernode(command, env, coordinator, max_wait_s, warm_start)
+    if ended is None:
+        return
+    node, code = ended
     if code != 0:
         connected = CONNECTED in node.seen
         output = node.output()

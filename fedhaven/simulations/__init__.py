@@ -43,6 +43,7 @@ from fedhaven.config import (
 from fedhaven.errors import FedhavenError
 from fedhaven.report import SIMULATION, SUMMARY_FILE, write_report
 from fedhaven.server.app import ProgressFn
+from fedhaven.site_config import SiteConfig
 from fedhaven.tasks import get_task
 
 #: Offline by design: no telemetry, no hub, no runtime dependency installs.
@@ -69,8 +70,9 @@ log = logging.getLogger(__name__)
 SITES_PREFIX = "sites."
 
 
-def site_settings(spec: Mapping[str, Any], cfg: Config) -> dict[int, dict[str, Any]]:
-    """Each simulated site's own node settings from ``spec`` (keys without the prefix).
+def site_settings(spec: Mapping[str, Any], cfg: Config) -> dict[int, SiteConfig]:
+    """Each simulated site's own settings from ``spec`` (keys without the prefix), checked
+    as a deployed site's node config is.
 
     ``epsilon-budget`` and ``delta`` take one value for every site, or one per site (a list
     or a comma-separated string); ``state-dir`` is the root of the sites' state directories;
@@ -125,7 +127,7 @@ def site_settings(spec: Mapping[str, Any], cfg: Config) -> dict[int, dict[str, A
         for i, rank in enumerate(ranks):
             with_site_rank(cfg, {LORA_RANK: rank})  # the site's own checks, before Ray starts
             sites[i][LORA_RANK] = rank
-    return sites
+    return {i: SiteConfig.from_node(node) for i, node in sites.items()}
 
 
 def _per_site_numbers(raw: Any, n: int) -> list[float]:
@@ -150,7 +152,8 @@ def update_scale_mod(sites: SiteSettings) -> Mod:
 
     def mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
         reply = call_next(msg, ctxt)
-        scale = float(node_settings(ctxt, sites).get(UPDATE_SCALE, 1.0))
+        site = node_settings(ctxt, sites)
+        scale = 1.0 if site.update_scale is None else site.update_scale
         if scale == 1.0 or reply.has_error() or msg.metadata.message_type != MessageType.TRAIN:
             return reply
         sent = {k: a.numpy() for k, a in msg.content[protocol.ARRAYS].items()}
