@@ -23,7 +23,7 @@ from fedhaven import data as fdata
 from fedhaven.config import from_flat
 from fedhaven.errors import FedhavenError
 from fedhaven.models import load_trained
-from fedhaven.report import ADAPTER_DIR, SIMULATION, SUMMARY_FILE
+from fedhaven.run_record import ADAPTER_DIR, SIMULATION, SUMMARY_FILE
 from fedhaven.tasks import get_task
 from fedhaven.training import default_device
 

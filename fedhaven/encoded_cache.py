@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import fedhaven
-from fedhaven.config import Config
+from fedhaven.config import Config, keys
 from fedhaven.fileio import write_atomic
 
 CACHE_DIR = "cache"
@@ -28,7 +28,7 @@ CACHE_DIR = "cache"
 FORMAT = 1
 #: Run settings that change a site's rows, their split, or their encoding.
 _SECTIONS = ("model.", "data.", "lora.")
-_ALSO = ("train.seed",)
+_ALSO = (keys.TRAIN_SEED,)
 
 
 def _file_digest(path: Path) -> str:

@@ -18,6 +18,7 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import precision_recall_fscore_support
 
+from fedhaven.config import keys
 from fedhaven.errors import FedhavenError
 from fedhaven.run_record import (
     ADAPTER_DIR,
@@ -333,7 +334,7 @@ def _classes_table(g: dict[str, Any], labels: list[str]) -> list[str]:
 
 def _markdown(summary: dict[str, Any], rounds: list[dict[str, Any]], names: dict[str, str]) -> str:
     cfg, g, labels = summary[CONFIG], summary[GLOBAL], summary[LABELS]
-    task = _TASK_NAMES[cfg.get("model.task", "seq-cls")]
+    task = _TASK_NAMES[cfg.get(keys.MODEL_TASK, "seq-cls")]
     lines = [
         "# Run report",
         "",
@@ -406,7 +407,7 @@ def model_card(summary: dict[str, Any]) -> str:
     cfg, g, labels = summary[CONFIG], summary[GLOBAL], summary[LABELS]
     central = summary.get(CENTRAL_DP)
     sites = summary[SITES]
-    task = cfg.get("model.task", "seq-cls")
+    task = cfg.get(keys.MODEL_TASK, "seq-cls")
     what = {
         "seq-cls": f"text classification into {', '.join(labels or [])} "
         f"({cfg['model.pooling']} pooling + linear head)",

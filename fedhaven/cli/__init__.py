@@ -61,7 +61,7 @@ def _summary_table(summary: dict[str, Any]) -> None:
             else ""
         )
     )
-    from fedhaven.report import NEVER_PREDICTED  # matplotlib: loaded already by the run
+    from fedhaven.run_record import NEVER_PREDICTED
 
     if missing := summary.get(NEVER_PREDICTED):
         console.print(

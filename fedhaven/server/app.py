@@ -47,7 +47,6 @@ from fedhaven.run_record import (
     metrics_line,
     site_row,
 )
-from fedhaven.run_record import validation_score as validation_score  # fedhaven.tune's import
 from fedhaven.server.checkpoint import Resumed, RunState, drop_checkpoint, resume_state
 from fedhaven.strategies import STRATEGIES, Validated, central_dp
 from fedhaven.strategies.secagg import SecureAggregationGrid

@@ -35,13 +35,15 @@ from fedhaven.config import (
     DELTA,
     EPSILON_BUDGET,
     LORA_RANK,
+    SITES_PREFIX,
     STATE_DIR,
     UPDATE_SCALE,
     Config,
     keys,
 )
 from fedhaven.errors import FedhavenError
-from fedhaven.report import SIMULATION, SUMMARY_FILE, write_report
+from fedhaven.report import write_report
+from fedhaven.run_record import SIMULATED_UPDATE_SCALE, SIMULATION, SUMMARY_FILE
 from fedhaven.server.app import ProgressFn
 from fedhaven.site_config import SiteConfig
 from fedhaven.tasks import get_task
@@ -65,9 +67,6 @@ QUIET_ENV = {
 
 
 log = logging.getLogger(__name__)
-
-#: Prefix of the per-site keys in a flat config (``sites.epsilon-budget = [8, 8, 2, 8]``).
-SITES_PREFIX = "sites."
 
 
 def site_settings(spec: Mapping[str, Any], cfg: Config) -> dict[int, SiteConfig]:
@@ -305,7 +304,7 @@ def _simulate(
     with open(path) as f:
         summary = json.load(f)
     if hostile:  # the run's record says which sites were made hostile
-        summary["simulated_update_scale"] = {str(i): s for i, s in hostile.items()}
+        summary[SIMULATED_UPDATE_SCALE] = {str(i): s for i, s in hostile.items()}
         with open(path, "w") as f:
             json.dump(summary, f, indent=2)
         write_report(cfg.federation.out_dir)  # again, so the report and card say so too

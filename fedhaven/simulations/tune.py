@@ -28,8 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedhaven.config import Config, Scalar, from_flat, keys
 from fedhaven.errors import FedhavenError
-from fedhaven.report import METRICS_FILE
-from fedhaven.server.app import validation_score
+from fedhaven.run_record import METRICS_FILE, SITES, validation_score
 from fedhaven.simulations import preflight, simulate
 
 log = logging.getLogger(__name__)
@@ -71,7 +70,7 @@ def validation_macro_f1(run_dir: Path, metric: str = "macro_f1") -> float | None
     lines = path.read_text().splitlines() if path.is_file() else []
     if not lines:
         return None
-    return validation_score(json.loads(lines[-1])["sites"], metric)
+    return validation_score(json.loads(lines[-1])[SITES], metric)
 
 
 def _canonical(base: Mapping[str, Any], cfg: Config) -> dict[str, Scalar]:
