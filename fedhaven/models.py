@@ -242,7 +242,16 @@ def load_trained(directory: str | Path) -> PeftModel:
     """
     d = Path(directory)
     check_adapter_dir(d)
-    return PeftModel.from_pretrained(build_base(trained_config(d)), d).eval()
+    try:
+        return PeftModel.from_pretrained(build_base(trained_config(d)), d).eval()
+    except RuntimeError as e:  # torch's size mismatch: weights of another rank or base model
+        if "size mismatch" not in str(e):
+            raise
+        raise FedhavenError(
+            f"adapter directory '{d}': its weights do not fit the model its "
+            f"{RUN_CONFIG_FILE} and {CONFIG_NAME} describe (another LoRA rank or base "
+            "model?): copy the whole adapter directory again from the run's output (RUN/adapter)"
+        ) from e
 
 
 def trained_config(directory: Path) -> Config:
