@@ -211,7 +211,8 @@ def check_adapter_dir(directory: Path) -> None:
     fix = "copy the whole adapter directory again from the run's output (RUN/adapter)"
     if not (directory / RUN_CONFIG_FILE).is_file():
         raise FedhavenError(
-            f"'{directory}' is not a fedhaven adapter directory (no {RUN_CONFIG_FILE})"
+            f"'{directory}' is not a fedhaven adapter directory (no {RUN_CONFIG_FILE}): "
+            "pass the adapter a run wrote, RUN/adapter"
         )
     if not (directory / CONFIG_NAME).is_file():
         raise FedhavenError(f"adapter directory '{directory}' has no {CONFIG_NAME}: {fix}")

@@ -362,7 +362,7 @@ CASES: list[Case] = [
     Case(
         "adapter-not-a-directory",
         lambda t, x: _predict(t, x, t / "no-adapter"),
-        "is not a fedhaven adapter directory",
+        "is not a fedhaven adapter directory (no fedhaven_config.json): pass the adapter",
     ),
     Case(
         "predict-output-exists",
@@ -474,6 +474,41 @@ CASES: list[Case] = [
         "audit-missing-run",
         lambda t, x: ["audit", str(t / "no-run")],
         "no-run",
+    ),
+    Case(
+        "audit-unfinished-run",
+        lambda t, x: ["audit", str((t / "run").mkdir() or t / "run")],
+        "has no summary.json: pass a run directory written by `fedhaven simulate` that finished",
+    ),
+    Case(
+        "report-missing-run",
+        lambda t, x: ["report", str(t / "no-run")],
+        "run directory '{tmp}/no-run' not found: pass a run directory",
+    ),
+    Case(
+        "ledger-missing",
+        lambda t, x: ["ledger", "show", "--state", str(t / "state")],
+        "no privacy ledger at '{tmp}/state/",
+    ),
+    Case(
+        "data-digits-not-empty",
+        lambda t, x: ["data", "digits", str(_write(t, "digits/mine.txt", "mine").parent)],
+        "exists and is not empty: pass a new or empty directory",
+    ),
+    Case(
+        "models-prepare-unknown",
+        lambda t, x: ["models", "prepare", "gpt5"],
+        "unknown model 'gpt5': use one of",
+    ),
+    Case(
+        "site-port-out-of-range",
+        lambda t, x: _site(t, x, **{"--coordinator": "127.0.0.1:99999"}),
+        "port 99999 is not a TCP port: give one in 1..65535",
+    ),
+    Case(
+        "simulate-empty-data",
+        lambda t, x: _simulate(t, x, "--data", str(_write(t, "empty.csv", ""))),
+        "is empty: it needs a header and labeled rows",
     ),
     Case("tune-zero-trials", lambda t, x: ["tune", "--trials", "0"], "give at least 1"),
     Case(
