@@ -178,7 +178,7 @@ class Timings:
     setup: float = 0.0  # data, tokenizer, model: before round 1
     train: float = 0.0  # every site's train_round, all rounds
     train_rounds: list[float] = field(default_factory=list)  # the same, round by round
-    aggregate: float = 0.0  # the example-weighted average
+    aggregate: float = 0.0  # the coordinator's FedAvg over the sites' replies
     evaluate_global: float = 0.0  # the held-out set, every round
     evaluate_sites: float = 0.0  # every site's validation split, every round
 
@@ -230,16 +230,23 @@ def local_rounds(
     """FedAvg's rounds in this process, through the functions the simulation's sites and
     coordinator call: each round every site trains from the global adapter
     (``training.train_round``, its accountant and label prior carried over from its last
-    round), the adapters are averaged by examples, and the global model is evaluated on the
-    held-out set and on every site's validation split. One site after another, torch on
-    every core.
+    round), its adapter goes back as the site's reply (``protocol.train_reply``) and the
+    coordinator's FedAvg (``fedhaven.strategies.FedAvg.aggregate_train``: replies validated,
+    averaged by examples) makes the new global adapter, which is evaluated on the held-out
+    set and on every site's validation split. One site after another, torch on every core.
 
     ``evaluate_every_round=False`` evaluates the held-out set after the last round only;
     ``device`` is where the models train and evaluate.
     """
+    from flwr.app import Message, MessageType, RecordDict
+
+    from fedhaven import protocol
     from fedhaven.models import adapter_state, build_model, set_adapter_state
+    from fedhaven.strategies import FedAvg
     from fedhaven.training import evaluate, train_round
 
+    _coordinator_identity()
+    strategy = FedAvg()
     timings = Timings()
     t = time.perf_counter()
     sites, test = demo_data(cfg, pooled=pooled)
@@ -251,7 +258,7 @@ def local_rounds(
     timings.setup = time.perf_counter() - t
     rounds = cfg.federation.rounds
     for server_round in range(1, rounds + 1):
-        states, weights, epsilons = [], [], []
+        replies, epsilons = [], []
         t = time.perf_counter()
         for k, (train, _) in enumerate(sites):
             model = build_model(cfg, device)
@@ -265,17 +272,20 @@ def local_rounds(
                 label_prior=priors[k],
             )
             accountants[k], priors[k] = result.accountant_state, result.label_prior
-            states.append(adapter_state(model))
-            weights.append(result.num_examples)
+            # the site's reply, as the ClientApp sends it (site node ids 100, 101, ...)
+            sent = Message(RecordDict(), dst_node_id=100 + k, message_type=MessageType.TRAIN)
+            content = protocol.train_reply(
+                adapter_state(model), {protocol.NUM_EXAMPLES: result.num_examples}
+            )
+            replies.append(Message(content, reply_to=sent))
             epsilons.append(result.epsilon)
         timings.train_rounds.append(time.perf_counter() - t)
         timings.train += timings.train_rounds[-1]
         t = time.perf_counter()
-        total = sum(weights)
-        global_state = {
-            key: sum(w * s[key] for w, s in zip(weights, states, strict=True)) / total
-            for key in global_state
-        }
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+        if arrays is None:
+            raise RuntimeError(f"round {server_round}: no site's update passed validation")
+        global_state = protocol.from_record(arrays)
         model = build_model(cfg, device)
         set_adapter_state(model, global_state)
         timings.aggregate += time.perf_counter() - t
@@ -293,6 +303,19 @@ def local_rounds(
     eps = [e for e in epsilons if e is not None]
     rows = sum(len(train) for train, _ in sites)
     return LoopResult(timings, ev, max(eps) if eps else None, rows)
+
+
+def _coordinator_identity() -> None:
+    """The task identity Flower 1.42 stamps on every Message it builds: a coordinator's, as
+    Flower's own in-process simulation sets it, unless this process has one already."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    try:
+        TaskIdentity.run_id  # noqa: B018  (raises where no identity is set)
+    except RuntimeError:
+        TaskIdentity.task_id, TaskIdentity.run_id = 1, 1
+        TaskIdentity.node_id = SUPERLINK_NODE_ID
 
 
 def centralized(flat: dict[str, Any], label: str) -> dict[str, Any]:

@@ -3,10 +3,11 @@
 Both sides run the demo (4 sites, Dirichlet(1.0), 5 rounds, DP at ε=8 unless extra flags
 say otherwise) through the same training loop: every round each site trains from the global
 adapter (`training.train_round`, with its accountant and label prior carried over), the
-adapters are averaged by examples, and the global model is evaluated on the held-out set and
-on every site's validation split. The simulation does it through Flower (Ray actors with one
-CPU each, messages, the allow-list, the ledgers, a checkpoint per round); the in-process
-loop calls the same functions one site after another, with torch using every core.
+adapters are averaged by examples (the coordinator's FedAvg over the sites' replies), and the
+global model is evaluated on the held-out set and on every site's validation split. The
+simulation does it through Flower (Ray actors with one CPU each, messages, the allow-list,
+the ledgers, a checkpoint per round); the in-process loop calls the same functions one site
+after another, with torch using every core.
 
 Both are timed as whole commands (each in a fresh Python process: start, imports, the run)
 and as runs (the simulation's ServerApp from its start to its summary; the loop from loading

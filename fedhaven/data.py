@@ -114,6 +114,27 @@ def clean_text(text: str) -> str:
     return html.unescape(text).strip().strip('"').strip()
 
 
+def check_json_lines(path: Path) -> None:
+    """Every non-blank line of a JSON-lines file must be one JSON object: name the first
+    that is not by its number, never its text (``datasets`` names neither, and logs)."""
+    with path.open(encoding="utf-8-sig") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise FedhavenError(
+                    f"data file '{path}' line {number} is not valid JSON ({e.msg}): "
+                    "fix or remove that line (one JSON object per line)"
+                ) from e
+            if not isinstance(row, dict):
+                raise FedhavenError(
+                    f"data file '{path}' line {number} is not a JSON object: "
+                    'give one object per line, e.g. {"text": ..., "label": ...}'
+                )
+
+
 def read_table(path: str, *, split: str = "train") -> Dataset:
     """Read a csv / tsv / jsonl / parquet file, or the bundled set when ``path == "bundled"``."""
     if path == BUNDLED:
@@ -133,6 +154,12 @@ def read_table(path: str, *, split: str = "train") -> Dataset:
         raise FedhavenError(f"data file '{p}' is empty: it needs a header and labeled rows")
     if p.suffix.lower() in _TEXT_FORMATS:
         check_utf8(p)
+    if p.suffix.lower() == ".jsonl":
+        check_json_lines(p)
+    # `datasets` logs its own reading errors: the FedhavenError below is the one line
+    datasets_log = logging.getLogger("datasets")
+    level = datasets_log.level
+    datasets_log.setLevel(logging.CRITICAL)
     try:
         ds = reader(str(p))
     except ValueError as e:
@@ -147,6 +174,8 @@ def read_table(path: str, *, split: str = "train") -> Dataset:
             f"data file '{p}' could not be read as {p.suffix[1:]} ({type(e).__name__}): "
             "check its format and encoding"
         ) from e
+    finally:
+        datasets_log.setLevel(level)
     if len(ds) == 0:
         raise FedhavenError(f"data file '{p}' has no rows: it needs labeled rows")
     return ds

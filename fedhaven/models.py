@@ -211,7 +211,8 @@ def check_adapter_dir(directory: Path) -> None:
     fix = "copy the whole adapter directory again from the run's output (RUN/adapter)"
     if not (directory / RUN_CONFIG_FILE).is_file():
         raise FedhavenError(
-            f"'{directory}' is not a fedhaven adapter directory (no {RUN_CONFIG_FILE})"
+            f"'{directory}' is not a fedhaven adapter directory (no {RUN_CONFIG_FILE}): "
+            "pass the adapter a run wrote, RUN/adapter"
         )
     if not (directory / CONFIG_NAME).is_file():
         raise FedhavenError(f"adapter directory '{directory}' has no {CONFIG_NAME}: {fix}")
@@ -242,7 +243,16 @@ def load_trained(directory: str | Path) -> PeftModel:
     """
     d = Path(directory)
     check_adapter_dir(d)
-    return PeftModel.from_pretrained(build_base(trained_config(d)), d).eval()
+    try:
+        return PeftModel.from_pretrained(build_base(trained_config(d)), d).eval()
+    except RuntimeError as e:  # torch's size mismatch: weights of another rank or base model
+        if "size mismatch" not in str(e):
+            raise
+        raise FedhavenError(
+            f"adapter directory '{d}': its weights do not fit the model its "
+            f"{RUN_CONFIG_FILE} and {CONFIG_NAME} describe (another LoRA rank or base "
+            "model?): copy the whole adapter directory again from the run's output (RUN/adapter)"
+        ) from e
 
 
 def trained_config(directory: Path) -> Config:

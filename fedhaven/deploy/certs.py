@@ -21,7 +21,6 @@ import datetime as dt
 import ipaddress
 import os
 import re
-import secrets
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedhaven.deploy.process import readable_file
 from fedhaven.errors import FedhavenError
+from fedhaven.fileio import write_atomic
 
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
 SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
@@ -115,10 +115,12 @@ def init_ca(
     )
 
     _make_dir(out)
-    _write(paths["ca_key"], _pem_private(ca_key), PRIVATE_MODE)
-    _write(paths["server_key"], _pem_private(server_key), PRIVATE_MODE)
-    _write(paths["ca_cert"], ca_cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE)
-    _write(paths["server_cert"], server_cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE)
+    _write_file(paths["ca_key"], _pem_private(ca_key), PRIVATE_MODE)
+    _write_file(paths["server_key"], _pem_private(server_key), PRIVATE_MODE)
+    _write_file(paths["ca_cert"], ca_cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE)
+    _write_file(
+        paths["server_cert"], server_cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE
+    )
     return paths
 
 
@@ -151,8 +153,8 @@ def site_keys(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
     _make_dir(out)
-    _write(paths["private_key"], private, PRIVATE_MODE)
-    _write(paths["public_key"], public + f" {name}\n".encode(), PUBLIC_MODE)
+    _write_file(paths["private_key"], private, PRIVATE_MODE)
+    _write_file(paths["public_key"], public + f" {name}\n".encode(), PUBLIC_MODE)
     return paths
 
 
@@ -279,19 +281,6 @@ def _make_dir(path: Path) -> None:
     path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to a new file created with ``mode``, then move it onto ``path``.
-
-    The file never exists with wider permissions, and a replaced file is swapped in whole.
-    """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def _write_file(path: Path, data: bytes, mode: int) -> None:
+    """``data`` swapped in whole, with ``mode`` from its first byte on."""
+    write_atomic(path, lambda f: f.write(data), mode=mode)

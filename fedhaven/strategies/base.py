@@ -352,6 +352,7 @@ class ServerOptimizer(FedOpt):
     def _compute_deltat_and_mt(
         self, aggregated_arrayrecord: ArrayRecord
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+        # Private hook: Flower 1.42 exposes the weighted mean nowhere else (test_flower_hooks.py).
         # Flower's FedOpt step begins here with the sites' weighted mean: keep it for the
         # tensors the step leaves alone
         delta_t, m_t, mean = super()._compute_deltat_and_mt(aggregated_arrayrecord)

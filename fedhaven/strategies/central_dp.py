@@ -114,6 +114,7 @@ class ClientSideFixed(_Accounted, DifferentialPrivacyClientSideFixedClipping):
 
 class _Adaptive(_Accounted):
     def _geometric_update(self, clipped_fraction: float) -> None:
+        # Private hook: the bound's step has no public one in Flower 1.42 (test_flower_hooks.py).
         # Flower 1.42 steps on the fraction of updates *clipped*, so the bound shrinks when
         # every update is clipped and grows when none is: it runs away to 0 or infinity.
         # Andrew et al. (2021) step on the fraction *within* the bound: C·exp(−η(b − γ)).

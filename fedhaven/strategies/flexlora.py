@@ -48,6 +48,8 @@ class FlexLoRA(FedAvg):
     def _construct_messages(
         self, record: RecordDict, node_ids: list[int], message_type: str
     ) -> Iterable[Message]:
+        # Private hook: Flower 1.42 has no public per-node message step, and overriding
+        # configure_train would bypass Validated's per-node shapes (test_flower_hooks.py).
         # Where Flower's FedAvg builds each node's message: training gets the node's rank.
         # Evaluation sends the global adapter; a site at another rank truncates it.
         if message_type != MessageType.TRAIN:

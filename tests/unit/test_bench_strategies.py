@@ -40,3 +40,41 @@ def test_seeds_must_be_integers() -> None:
     assert strategies.seed_list("0,1,,2") == [0, 1, 2]
     with pytest.raises(argparse.ArgumentTypeError, match="'0,x': give integers"):
         strategies.seed_list("0,x")
+
+
+def test_local_rounds_average_through_the_coordinators_fedavg(
+    tiny_cfg: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the global adapter after a round is the sites' adapters averaged by their examples
+    import common
+    import torch
+
+    from fedhaven import training
+    from fedhaven.models import adapter_state
+
+    sites: list[tuple[dict[str, torch.Tensor], int]] = []
+    evaluated: list[dict[str, torch.Tensor]] = []
+    train_round, evaluate = training.train_round, training.evaluate
+
+    def spy_train(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        result = train_round(model, *args, **kwargs)
+        sites.append(({k: v.clone() for k, v in adapter_state(model).items()}, result.num_examples))
+        return result
+
+    def spy_evaluate(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        evaluated.append(adapter_state(model))
+        return evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(training, "train_round", spy_train)
+    monkeypatch.setattr(training, "evaluate", spy_evaluate)
+    flat = {"federation.rounds": 1, "privacy.enabled": False, "data.partition": "dirichlet:1"}
+    cfg = tiny_cfg.replace(**flat)
+    loop = common.local_rounds(cfg, evaluate_every_round=False)
+    assert len(sites) == 2 and len(evaluated) == 1
+    assert sites[0][1] != sites[1][1]  # unequal sites: a plain mean would differ
+    total = sum(n for _, n in sites)
+    for key, global_tensor in evaluated[0].items():
+        mean = sum(n * state[key] for state, n in sites) / total
+        torch.testing.assert_close(global_tensor, mean, rtol=1e-5, atol=1e-6)
+    assert loop.train_rows == total and loop.max_epsilon is None
+    assert "accuracy" in loop.evaluation

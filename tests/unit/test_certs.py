@@ -133,6 +133,22 @@ def test_init_ca_force_regenerates(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_replaced_files_keep_their_modes(tmp_path: Path) -> None:
+    # written whole (fileio.write_atomic) with the mode set before the first byte
+    for _ in range(2):
+        paths = {**init_ca(tmp_path / "pki", force=True), **site_keys("a", tmp_path, force=True)}
+        modes = {k: _mode(p) for k, p in paths.items()}
+        assert modes == {
+            "ca_key": 0o600,
+            "server_key": 0o600,
+            "private_key": 0o600,
+            "ca_cert": 0o644,
+            "server_cert": 0o644,
+            "public_key": 0o644,
+        }
+    assert not list(tmp_path.rglob(".*.tmp"))
+
+
 def test_site_keys_are_a_matching_p384_pair_flower_loads(tmp_path: Path) -> None:
     out = tmp_path / "keys"
     paths = site_keys("hospital-a", out)
