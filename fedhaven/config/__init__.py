@@ -162,6 +162,10 @@ def _flat_key(section: str, name: str) -> str:
     return f"{section}.{name.replace('_', '-')}"
 
 
+#: How a value's expected type reads to a user.
+_TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+
+
 def _coerce(key: str, value: Any, typ: type) -> Scalar:
     # bool is an int subclass: check it first so True never passes as 1
     if typ is bool:
@@ -190,7 +194,7 @@ def _coerce(key: str, value: Any, typ: type) -> Scalar:
     elif typ is str:
         if isinstance(value, str):
             return value
-    raise FedhavenError(f"config '{key}' = {value!r} is invalid: expected a {typ.__name__}")
+    raise FedhavenError(f"config '{key}' = {value!r} is invalid: expected {_TYPE_NAMES[typ]}")
 
 
 def valid_keys() -> list[str]:

@@ -262,7 +262,6 @@ def serve(
 ) -> None:
     """Run the coordinator in the foreground until Ctrl-C or SIGTERM."""
     if insecure:
-        warn(INSECURE_WARNING)
         if sites is not None:
             raise FedhavenError(
                 "--sites registers keys for SuperNode authentication, which --insecure "
@@ -278,6 +277,8 @@ def serve(
     keys = site_public_keys(sites) if sites is not None else []
     superlink, flwr = executable("flower-superlink"), executable("flwr")
     check_port_free(host, port)
+    if insecure:  # after the checks: a refused start prints its one line only
+        warn(INSECURE_WARNING)
 
     # Checks done: from here on the state directory is written.
     state = make_private_dir(state.expanduser().resolve(), "state directory")

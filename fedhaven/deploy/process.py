@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from fedhaven.errors import FedhavenError
 
@@ -95,14 +96,19 @@ def check_port(port: int, flag: str = "--port") -> None:
         raise FedhavenError(f"{flag} {port} is not a TCP port: give one in 1..65535")
 
 
-def check_port_free(host: str, port: int, flag: str = "--port") -> None:
-    """Refuse a port something already listens on (before anything is started)."""
-    check_port(port, flag)
+def resolve(host: str, port: int) -> tuple[socket.AddressFamily, Any]:
+    """The first (family, socket address) of ``host``; a name nothing resolves is refused."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise FedhavenError(f"host '{host}' cannot be resolved ({e}): give an address") from None
-    family, _, _, _, address = infos[0]
+    return infos[0][0], infos[0][4]
+
+
+def check_port_free(host: str, port: int, flag: str = "--port") -> None:
+    """Refuse a port something already listens on (before anything is started)."""
+    check_port(port, flag)
+    family, address = resolve(host, port)
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:

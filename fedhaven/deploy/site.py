@@ -45,6 +45,7 @@ from fedhaven.deploy.process import (
     interrupt_on_signals,
     make_private_dir,
     readable_file,
+    resolve,
     say,
     warn,
 )
@@ -305,7 +306,6 @@ def _tls_inputs(
 ) -> tuple[Path | None, Path | None]:
     """(CA certificate, site key), checked; ``(None, None)`` with ``insecure``."""
     if insecure:
-        warn(INSECURE_WARNING)
         if certs is not None or key is not None:
             raise FedhavenError(
                 "--insecure uses no certificate and no key: drop --certs and --key, or --insecure"
@@ -384,7 +384,7 @@ def serve(
     With ``warm_start`` the site keeps one process with the ClientApp's imports done and
     forks it for each message (:mod:`fedhaven.deploy.warm`).
     """
-    parse_coordinator(coordinator)
+    resolve(*parse_coordinator(coordinator))  # a name that resolves nowhere fails now, not in 120 s
     ca, private_key = _tls_inputs(certs, key, insecure)
     data = check_data(data).resolve()
     site = site_from_flags(data, state, epsilon_budget, delta, lora_rank, rules).check(flags=True)
@@ -394,6 +394,8 @@ def serve(
     check_port_free(host, port)
     if ca is not None:
         check_coordinator_tls(*parse_coordinator(coordinator), ca)
+    if insecure:  # after the checks: a refused start prints its one line only
+        warn(INSECURE_WARNING)
 
     # Checks done: from here on the state directory is written.
     state = make_private_dir(state.expanduser().resolve(), "state directory")

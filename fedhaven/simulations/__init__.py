@@ -87,6 +87,11 @@ def site_settings(spec: Mapping[str, Any], cfg: Config) -> dict[int, SiteConfig]
             f"{', '.join(SITES_PREFIX + k for k in known)}"
         )
     root = Path(str(spec.get(STATE_DIR) or Path(cfg.federation.out_dir) / "sites"))
+    if root.exists() and not root.is_dir():  # before Ray starts, not in every site's actor
+        raise FedhavenError(
+            f"site setting '{SITES_PREFIX}{STATE_DIR}' = '{root}' is not a directory: give a "
+            "directory (it is created if missing)"
+        )
     sites: dict[int, dict[str, Any]] = {i: {STATE_DIR: str(root / f"site-{i}")} for i in range(n)}
     for key, upper in ((EPSILON_BUDGET, float("inf")), (DELTA, 1.0)):
         if key not in spec:

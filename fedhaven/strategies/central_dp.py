@@ -41,6 +41,7 @@ from flwr.supercore.privacy_accounting import (
 
 from fedhaven import protocol
 from fedhaven.config import Config
+from fedhaven.errors import FedhavenError
 from fedhaven.strategies.base import Validated
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,10 @@ def wrap(base: Validated, cfg: Config) -> tuple[Strategy, RdpAccountant | None]:
     if p.central == "off":
         return base, None
     if base.weighted_by_key != protocol.SITE_WEIGHT:
-        raise ValueError(f"central DP needs FedAvg weighted by '{protocol.SITE_WEIGHT}'")
+        raise FedhavenError(
+            f"privacy.central = {p.central} needs every site weighted the same "
+            f"('{protocol.SITE_WEIGHT}'): use federation.strategy fedavg, ffa or fedprox"
+        )
     n = num_sampled(cfg)
     # Every sampled site is in every round: no amplification by sampling is claimed.
     accountant = RdpAccountant(

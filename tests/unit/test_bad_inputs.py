@@ -280,6 +280,16 @@ CASES: list[Case] = [
         "'train.learning-rate'",
     ),
     Case(
+        "config-not-a-whole-number",
+        lambda t, x: _config(t, x, '[lora]\nalpha = "big"\n'),
+        "config 'lora.alpha' = 'big' is invalid: expected a whole number",
+    ),
+    Case(
+        "sites-state-dir-is-a-file",
+        lambda t, x: _simulate(t, x, "--site-state", str(_write(t, "state", "not a dir"))),
+        "'sites.state-dir' = '{tmp}/state' is not a directory: give a directory",
+    ),
+    Case(
         "config-unknown-strategy",
         lambda t, x: _config(t, x, '[federation]\nstrategy = "fedbest"\n'),
         "'federation.strategy'",
@@ -454,6 +464,21 @@ CASES: list[Case] = [
         "--epsilon-budget -1 is invalid",
     ),
     Case("site-delta-one", lambda t, x: _site(t, x, **{"--delta": "1"}), "--delta 1 is invalid"),
+    Case(
+        "site-coordinator-unresolvable",
+        lambda t, x: _site(t, x, **{"--coordinator": "no-such-host.invalid:9093"}),
+        "host 'no-such-host.invalid' cannot be resolved",
+    ),
+    Case(
+        "site-insecure-with-key",
+        lambda t, x: [*_site(t, x), "--insecure"],
+        "--insecure uses no certificate and no key: drop --certs and --key",
+    ),
+    Case(
+        "coordinator-insecure-with-sites",
+        lambda t, x: ["coordinator", "--insecure", "--sites", str(x.pki), "--state", str(t / "s")],
+        "--sites registers keys for SuperNode authentication, which --insecure turns off",
+    ),
     Case(
         "site-missing-data",
         lambda t, x: _site(t, x, **{"--data": str(t / "site.csv")}),

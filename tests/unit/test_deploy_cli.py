@@ -326,13 +326,19 @@ def test_coordinator_port_in_use(
     )
 
 
-def test_coordinator_insecure_warns(tmp_path: Path, busy_port: int, monkeypatch, capsys) -> None:
+def test_coordinator_insecure_warns_once_its_checks_pass(
+    tmp_path: Path, busy_port: int, monkeypatch, capsys
+) -> None:
+    args = ["coordinator", "--insecure", "--state", str(tmp_path / "s"), "--port"]
+    err = _refused([*args, str(busy_port)], "is in use", tmp_path, monkeypatch, capsys)
+    assert coordinator.INSECURE_WARNING not in err  # a refused start: its one line only
+
+    def stop(*_: object, **__: object) -> None:  # the first step after the checks
+        raise FedhavenError("stopped after the checks")
+
+    monkeypatch.setattr(coordinator, "make_private_dir", stop)
     err = _refused(
-        ["coordinator", "--insecure", "--state", str(tmp_path / "s"), "--port", str(busy_port)],
-        "is in use",
-        tmp_path,
-        monkeypatch,
-        capsys,
+        [*args, str(_free_port())], "stopped after the checks", tmp_path, monkeypatch, capsys
     )
     assert f"warning: {coordinator.INSECURE_WARNING}" in err
 
@@ -531,7 +537,7 @@ def test_site_insecure_warns_and_refuses_a_key(
         monkeypatch,
         capsys,
     )
-    assert f"warning: {site.INSECURE_WARNING}" in err
+    assert site.INSECURE_WARNING not in err  # a refused start: its one line only
 
 
 def test_site_refuses_an_expired_ca_or_a_server_certificate_as_ca(
