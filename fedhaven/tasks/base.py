@@ -9,6 +9,7 @@ on a batch's logits, and evaluation. No Flower here (DESIGN rule 3).
 from __future__ import annotations
 
 import math
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +28,16 @@ from fedhaven import data as fdata
 from fedhaven.config import BUNDLED, Config, LoraConfig
 from fedhaven.datacheck import DataReport, DataRules
 from fedhaven.errors import FedhavenError
+
+
+def cache_dir() -> Path:
+    """Where prepared models are kept (SmolLM2 converted from GGUF, digits-resnet):
+    ``$FEDHAVEN_CACHE``, else ``$XDG_CACHE_HOME/fedhaven`` (default ``~/.cache/fedhaven``)."""
+    if os.environ.get("FEDHAVEN_CACHE"):
+        return Path(os.environ["FEDHAVEN_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg).expanduser() / "fedhaven"
+
 
 #: ``model.max-length = 0``: pad to the length that covers this share of a data set's rows,
 #: rounded up to a multiple of ``LENGTH_STEP`` and at most ``AUTO_MAX_LENGTH`` tokens. Longer

@@ -40,7 +40,7 @@ from transformers import (
 from fedhaven import data as fdata
 from fedhaven.config import BUNDLED
 from fedhaven.errors import FedhavenError
-from fedhaven.tasks.base import Task, fit_length
+from fedhaven.tasks.base import Task, cache_dir, fit_length
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +64,6 @@ BUNDLED_CONDITIONS = 4
 #: ...and at most this many reviews of each (Birth Control alone is a fifth of all reviews),
 #: so that always answering the most frequent one scores about a third, not two thirds.
 BUNDLED_PER_CONDITION = 40
-
-
-def cache_dir() -> Path:
-    """Where prepared models are kept: ``$FEDHAVEN_CACHE``, else ``$XDG_CACHE_HOME/fedhaven``
-    (default ``~/.cache/fedhaven``); the same place as image-cls's."""
-    if os.environ.get("FEDHAVEN_CACHE"):
-        return Path(os.environ["FEDHAVEN_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg).expanduser() / "fedhaven"
 
 
 def smollm2_gguf() -> Path:

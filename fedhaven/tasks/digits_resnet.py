@@ -19,6 +19,7 @@ from PIL import Image
 from transformers import PretrainedConfig
 
 from fedhaven.config import from_flat, keys
+from fedhaven.tasks.base import cache_dir
 from fedhaven.tasks.image_cls import (
     _digits,
     _images_dataset,
@@ -32,15 +33,6 @@ DIGITS_RESNET = "digits-resnet"
 _DIGITS_RESNET_VERSION = 1
 #: Written into the prepared directory: what it was trained on, and how well it did.
 PRETRAINING_FILE = "fedhaven_pretraining.json"
-
-
-def cache_dir() -> Path:
-    """Where prepared models are kept: ``$FEDHAVEN_CACHE``, else ``$XDG_CACHE_HOME/fedhaven``
-    (default ``~/.cache/fedhaven``)."""
-    if os.environ.get("FEDHAVEN_CACHE"):
-        return Path(os.environ["FEDHAVEN_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg).expanduser() / "fedhaven"
 
 
 #: The digits digits-resnet is pre-trained to tell apart: half of them. The sites' task (all
