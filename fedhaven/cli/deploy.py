@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from fedhaven.cli import flags
 from fedhaven.cli.common import console
 
 certs_app = typer.Typer(no_args_is_help=True, help="TLS certificates and site keys.")
@@ -102,14 +103,8 @@ def site_cmd(
     lora_rank: Annotated[
         int | None, typer.Option(help="this site's LoRA rank (federation.strategy=flexlora)")
     ] = None,
-    label_rule: Annotated[
-        str,
-        typer.Option(
-            help="a label outside the run's set, or differing only by case or whitespace: "
-            "drop | map | stop (see `fedhaven data check`)"
-        ),
-    ] = "stop",
-    min_per_class: Annotated[int, typer.Option(help="warn below this many rows per class")] = 5,
+    label_rule: flags.LabelRule = "stop",
+    min_per_class: flags.MinPerClass = 5,
     port: Annotated[int, typer.Option(help="the SuperNode's local Runtime API port")] = 9094,
     max_wait: Annotated[
         float, typer.Option(help="seconds to keep retrying an unreachable coordinator")

@@ -26,6 +26,15 @@ from fedhaven.errors import FedhavenError
 ConfigFile = Annotated[Path | None, typer.Option(help="TOML file of run-config keys")]
 Sets = Annotated[list[str] | None, typer.Option("--set", help="any run-config KEY=VALUE")]
 
+#: A site's data rules (fedhaven.datacheck), for `fedhaven site` and `fedhaven data check`.
+LabelRule = Annotated[
+    str,
+    typer.Option(
+        help="a label outside the run's set, or differing only by case or whitespace: "
+        "drop | map | stop"
+    ),
+]
+MinPerClass = Annotated[int, typer.Option(help="warn below this many rows per class")]
 Rounds = Annotated[int | None, typer.Option(help="federation rounds")]
 Sites = Annotated[int | None, typer.Option(help="simulated sites")]
 Data = Annotated[str | None, typer.Option(help="training data: csv, jsonl or parquet")]

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from fedhaven.cli import flags
 from fedhaven.cli.common import console
 from fedhaven.errors import FedhavenError
 
@@ -80,14 +81,8 @@ def data_check(
     config: Annotated[
         Path | None, typer.Option(help="the run's TOML config (data.*, train.seed)")
     ] = None,
-    label_rule: Annotated[
-        str,
-        typer.Option(
-            help="a label outside the set, or differing only by case or whitespace: "
-            "drop | map | stop"
-        ),
-    ] = "stop",
-    min_per_class: Annotated[int, typer.Option(help="warn below this many rows per class")] = 5,
+    label_rule: flags.LabelRule = "stop",
+    min_per_class: flags.MinPerClass = 5,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="also write the report as JSON here")
     ] = None,

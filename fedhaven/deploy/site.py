@@ -196,19 +196,6 @@ def site_from_flags(
     )
 
 
-def node_config(
-    data: Path,
-    state: Path,
-    epsilon_budget: float | None = None,
-    delta: float | None = None,
-    lora_rank: int | None = None,
-    rules: DataRules | None = None,
-) -> str:
-    """The SuperNode's ``--node-config``: the site's own settings, for the ClientApp."""
-    site = site_from_flags(data, state, epsilon_budget, delta, lora_rank, rules)
-    return node_config_text(site)
-
-
 def node_config_text(site: SiteConfig) -> str:
     """``site`` as the SuperNode's ``--node-config`` (the keys it sets)."""
     return " ".join(f"{k}={_toml_value(v)}" for k, v in site.items())

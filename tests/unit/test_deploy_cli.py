@@ -117,7 +117,7 @@ def test_supernode_command_insecure_never_installs_dependencies() -> None:
     ["/data/site a.csv", "/data/it's.csv", "C:\\data\\x.csv", "/d/key=value.toml", "/d/ü.csv"],
 )
 def test_node_config_reads_back_through_flowers_parser(data: str) -> None:
-    text = site.node_config(Path(data), Path("/state dir"), 8, 1e-5)
+    text = site.node_config_text(site.site_from_flags(Path(data), Path("/state dir"), 8, 1e-5))
     assert parse_config_args([text]) == {
         DATA_PATH: str(Path(data)),
         STATE_DIR: "/state dir",
@@ -127,7 +127,9 @@ def test_node_config_reads_back_through_flowers_parser(data: str) -> None:
 
 
 def test_node_config_carries_the_sites_data_rules() -> None:
-    text = site.node_config(Path("/d.csv"), Path("/s"), rules=DataRules("map", 3))
+    text = site.node_config_text(
+        site.site_from_flags(Path("/d.csv"), Path("/s"), rules=DataRules("map", 3))
+    )
     assert parse_config_args([text]) == {
         DATA_PATH: "/d.csv",
         STATE_DIR: "/s",
@@ -138,13 +140,13 @@ def test_node_config_carries_the_sites_data_rules() -> None:
 
 
 def test_node_config_leaves_out_unset_budget() -> None:
-    text = site.node_config(Path("/d.csv"), Path("/s"))
+    text = site.node_config_text(site.site_from_flags(Path("/d.csv"), Path("/s")))
     assert text == "data-path='/d.csv' state-dir='/s'"
 
 
 def test_node_config_refuses_a_path_flower_cannot_pass() -> None:
     with pytest.raises(FedhavenError, match="both"):
-        site.node_config(Path('/d/it\'s "x".csv'), Path("/s"))
+        site.node_config_text(site.site_from_flags(Path('/d/it\'s "x".csv'), Path("/s")))
 
 
 def test_connection_config_and_run_line(tmp_path: Path) -> None:

@@ -293,7 +293,7 @@ def test_bad_simulated_site_ranks(spec: object, strategy: str, match: str) -> No
 
 
 def test_deployed_site_rank_goes_into_the_node_config(tiny_csv: Path) -> None:
-    text = site.node_config(Path("/d.csv"), Path("/s"), lora_rank=4)
+    text = site.node_config_text(site.site_from_flags(Path("/d.csv"), Path("/s"), lora_rank=4))
     assert parse_config_args([text])[LORA_RANK] == 4
     with pytest.raises(FedhavenError, match="--lora-rank 0 is invalid: give a whole number >= 1"):
         site.serve(
