@@ -23,7 +23,7 @@ from fedhaven import data as fdata
 from fedhaven.config import from_flat
 from fedhaven.errors import FedhavenError
 from fedhaven.models import load_trained
-from fedhaven.run_record import ADAPTER_DIR, SIMULATION, SUMMARY_FILE
+from fedhaven.run_record import ADAPTER_DIR, MAX_EPSILON, SIMULATION, SUMMARY_FILE
 from fedhaven.tasks import get_task
 from fedhaven.training import default_device
 
@@ -159,7 +159,7 @@ def audit(
         "non_member_loss": float(non_member_loss.mean()),
         "site": site,
         "run_dir": str(d),
-        "epsilon": summary.get("max_epsilon"),
+        "epsilon": summary.get(MAX_EPSILON),
         "delta": summary.get("delta"),
         "bootstrap": bootstrap,
         "seed": seed,

@@ -64,6 +64,8 @@ ROUNDS, BEST_ROUND, STOPPED_EARLY = "rounds", "best_round", "stopped_early"
 TASK, PRIMARY_METRIC, METRICS, LABELS = "task", "primary_metric", "metrics", "labels"
 DELTA, CENTRAL_DP, CONFIG, ENGINE = "delta", "central_dp", "config", "engine"
 RESUMED_AFTER_ROUND, VERSIONS, RUN_DIR = "resumed_after_round", "versions", "run_dir"
+#: The adapter's bytes a site receives (and sends) per round, and the whole model's.
+BYTES_PER_SITE_ROUND, FULL_MODEL_BYTES = "bytes_per_site_round", "full_model_bytes"
 #: In ``central_dp``: the mode, noise and clipping bound, and the models released so far.
 DP_MODE, NOISE_MULTIPLIER, CLIPPING_NORM = "mode", "noise_multiplier", "clipping_norm"
 RELEASES = "releases"
@@ -215,8 +217,8 @@ def summary(
             k: final_eval[k] for k in (*task.metrics, PER_CLASS_F1, CONFUSION) if k in final_eval
         },
         SITES: sites,
-        "bytes_per_site_round": model_bytes[0],
-        "full_model_bytes": model_bytes[1],
+        BYTES_PER_SITE_ROUND: model_bytes[0],
+        FULL_MODEL_BYTES: model_bytes[1],
         MAX_EPSILON: _max_epsilon(sites),
         DELTA: cfg.privacy.delta if cfg.privacy.enabled else None,
         CENTRAL_DP: central_dp,

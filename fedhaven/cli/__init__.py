@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from fedhaven import run_record as rr
 from fedhaven.cli import deploy, flags, sites
 from fedhaven.cli.common import console, err, fmt, quiet_libraries
 from fedhaven.config import keys
@@ -40,58 +41,56 @@ def _scores(g: dict[str, Any]) -> str:
 
 
 def _progress(line: dict[str, Any]) -> None:
-    g = line["global"]
+    central = line[rr.CENTRAL_EPSILON]
     console.print(
-        f"round {line['round']:>3}  {line['wall_s']:7.1f}s  {_scores(g)}  "
-        f"max site ε {fmt(line['max_epsilon'], 2)}"
-        + ("" if line["central_epsilon"] is None else f"  central ε {line['central_epsilon']:.2f}")
+        f"round {line[rr.ROUND]:>3}  {line[rr.WALL_S]:7.1f}s  {_scores(line[rr.GLOBAL])}  "
+        f"max site ε {fmt(line[rr.MAX_EPSILON], 2)}"
+        + ("" if central is None else f"  central ε {central:.2f}")
     )
 
 
 def _summary_table(summary: dict[str, Any]) -> None:
-    g = summary["global"]
+    g = summary[rr.GLOBAL]
     console.print(
         f"\n[bold]global[/bold] (held-out set): {_scores(g)}"
         + (
             "  per-class F1 "
             + ", ".join(
-                f"{n} {f:.2f}" for n, f in zip(summary["labels"], g["per_class_f1"], strict=True)
+                f"{n} {f:.2f}" for n, f in zip(summary[rr.LABELS], g[rr.PER_CLASS_F1], strict=True)
             )
-            if "per_class_f1" in g
+            if rr.PER_CLASS_F1 in g
             else ""
         )
     )
-    from fedhaven.run_record import NEVER_PREDICTED
-
-    if missing := summary.get(NEVER_PREDICTED):
+    if missing := summary.get(rr.NEVER_PREDICTED):
         console.print(
             f"[yellow]warning:[/yellow] the final model never predicts {', '.join(missing)} "
             "(see report.md)"
         )
-    scores = [m for m in summary.get("metrics", ["accuracy", "macro_f1"]) if m != "loss"]
+    scores = [m for m in summary.get(rr.METRICS, ["accuracy", "macro_f1"]) if m != "loss"]
     table = Table(title="sites")
     for col in ("site", "examples", *(f"val {_NAMES.get(m, m)}" for m in scores), "ε"):
         table.add_column(col, justify="right")
-    for i, (node, s) in enumerate(sorted(summary["sites"].items()), start=1):
+    for i, (node, s) in enumerate(sorted(summary[rr.SITES].items()), start=1):
         table.add_row(
             f"{i} ({node})",
-            str(s["examples"]),
+            str(s[rr.EXAMPLES]),
             *(fmt(s.get(m)) for m in scores),
-            fmt(s["epsilon"], 2),
+            fmt(s[rr.EPSILON], 2),
         )
     console.print(table)
-    delta = summary["delta"]
+    delta = summary[rr.DELTA]
     console.print(
-        f"rounds {summary['rounds']}  wall {summary['wall_s']:.0f}s  "
-        f"{summary['bytes_per_site_round'] / 1e6:.2f} MB per site per round "
-        f"(full model {summary['full_model_bytes'] / 1e6:.3g} MB)  "
+        f"rounds {summary[rr.ROUNDS]}  wall {summary[rr.WALL_S]:.0f}s  "
+        f"{summary[rr.BYTES_PER_SITE_ROUND] / 1e6:.2f} MB per site per round "
+        f"(full model {summary[rr.FULL_MODEL_BYTES] / 1e6:.3g} MB)  "
         + (f"δ {delta:g}  " if delta else "no DP  ")
         + (
-            f"central DP ({central['mode']}): site-level ε {central['epsilon']:.2f}  "
-            if (central := summary["central_dp"])
+            f"central DP ({central[rr.DP_MODE]}): site-level ε {central[rr.EPSILON]:.2f}  "
+            if (central := summary[rr.CENTRAL_DP])
             else ""
         )
-        + f"→ {summary['run_dir']}"
+        + f"→ {summary[rr.RUN_DIR]}"
     )
 
 
