@@ -197,16 +197,16 @@ def message_overheads(run_dir: Path, states: list[Path]) -> list[dict[str, float
     out = []
     for state in states:
         for e in auditlog.AuditLog(state / auditlog.AUDIT_FILE).entries(auditlog.SENT):
-            t = e["timings"]
+            t = e[auditlog.TIMINGS]
             total = _seconds(e) - started[int(e["round"])]
             out.append(
                 {
                     "total_s": total,
-                    "waiting_s": total - t["process_s"] - t["handler_s"],
-                    "process_s": t["process_s"],
-                    "handler_s": t["handler_s"],
-                    "train_s": t["train_s"],
-                    "overhead_s": total - t["train_s"],
+                    "waiting_s": total - t[auditlog.PROCESS_S] - t[auditlog.HANDLER_S],
+                    "process_s": t[auditlog.PROCESS_S],
+                    "handler_s": t[auditlog.HANDLER_S],
+                    "train_s": t[auditlog.TRAIN_S],
+                    "overhead_s": total - t[auditlog.TRAIN_S],
                 }
             )
     return out

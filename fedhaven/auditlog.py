@@ -59,8 +59,12 @@ RUN_FINISHED = "run_finished"
 RUN_STOPPED = "run_stopped"
 
 # --- site events --------------------------------------------------------------------------
-#: The site sent a training update: run_id, round, tensors, bytes, metrics (names), epsilon.
+#: The site sent a training update: run_id, round, tensors, bytes, metrics (names), epsilon,
+#: and where the message's time went (TIMINGS).
 SENT = "sent"
+#: A sent event's timings: since the site's process started (a deployed site starts one per
+#: message), in the train handler, and in training itself; seconds.
+TIMINGS, PROCESS_S, HANDLER_S, TRAIN_S = "timings", "process_s", "handler_s", "train_s"
 #: The site refused a round: run_id, round, reason.
 REFUSED = "refused"
 #: The site checked its data file, once per run: run_id and the counts of

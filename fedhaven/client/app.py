@@ -344,9 +344,9 @@ def handle_train(
 def _timings(entered: float, train_s: float) -> dict[str, float]:
     """Where the message's time went at the site (a deployed site: one process each)."""
     return {
-        "process_s": round(entered - psutil.Process().create_time(), 3),
-        "handler_s": round(time.time() - entered, 3),
-        "train_s": round(train_s, 3),
+        auditlog.PROCESS_S: round(entered - psutil.Process().create_time(), 3),
+        auditlog.HANDLER_S: round(time.time() - entered, 3),
+        auditlog.TRAIN_S: round(train_s, 3),
     }
 
 
