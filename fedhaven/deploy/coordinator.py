@@ -21,6 +21,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedhaven.config import keys
 from fedhaven.deploy.certs import (
     CA_CERT,
     PUBLIC_KEY_SUFFIX,
@@ -186,7 +187,7 @@ def run_line(flwr_home: Path, flwr: str, app: str, sites: int | None) -> str:
     words = [f"FLWR_HOME={shlex.quote(str(flwr_home))}", shlex.quote(flwr), "run"]
     words += [shlex.quote(app), CONNECTION, "--stream"]
     if sites:
-        words += ["--run-config", shlex.quote(f"federation.sites={sites}")]
+        words += ["--run-config", shlex.quote(f"{keys.FEDERATION_SITES}={sites}")]
     return " ".join(words)
 
 
