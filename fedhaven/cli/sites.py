@@ -110,12 +110,17 @@ def data_check(
         )
     if json_out is not None and json_out.resolve() == file.resolve():
         raise FedhavenError(f"--json {json_out} is the data file itself: name another file")
-    # The report's warnings are printed below, once: not also as log lines.
-    logging.getLogger("fedhaven.datacheck").setLevel(logging.ERROR)
+    # The report's warnings are printed below, once: not also as log lines (and the level
+    # is given back: a caller in this process keeps its own logging).
+    checks_log = logging.getLogger("fedhaven.datacheck")
+    level = checks_log.level
+    checks_log.setLevel(logging.ERROR)
     source = f"data file '{file}'"
-    checked = check_site(
-        fdata.read_table(str(file)), cfg.data, rules, seed=cfg.train.seed, source=source
-    )
+    try:
+        table_in = fdata.read_table(str(file))
+        checked = check_site(table_in, cfg.data, rules, seed=cfg.train.seed, source=source)
+    finally:
+        checks_log.setLevel(level)
     report = checked.report
     table = Table(
         title=f"{file.name}: val-fraction {cfg.data.val_fraction:g}, seed "
