@@ -154,22 +154,17 @@ def read_table(path: str, *, split: str = "train") -> Dataset:
         raise FedhavenError(f"data file '{p}' is empty: it needs a header and labeled rows")
     if p.suffix.lower() in _TEXT_FORMATS:
         check_utf8(p)
-    if p.suffix.lower() == ".jsonl":
-        check_json_lines(p)
     # `datasets` logs its own reading errors: the FedhavenError below is the one line
     datasets_log = logging.getLogger("datasets")
     level = datasets_log.level
     datasets_log.setLevel(logging.CRITICAL)
     try:
         ds = reader(str(p))
-    except ValueError as e:
-        if "corresponds to no data" in str(e):  # what `datasets` says of a header-only file
-            raise FedhavenError(f"data file '{p}' has no rows: it needs labeled rows") from e
-        raise FedhavenError(
-            f"data file '{p}' could not be read as {p.suffix[1:]} ({type(e).__name__}): "
-            "check its format and encoding"
-        ) from e
     except Exception as e:  # pyarrow / json errors have many types; all mean "unreadable"
+        if isinstance(e, ValueError) and "corresponds to no data" in str(e):  # header only
+            raise FedhavenError(f"data file '{p}' has no rows: it needs labeled rows") from e
+        if p.suffix.lower() == ".jsonl":  # name the bad line (read again only on failure)
+            check_json_lines(p)
         raise FedhavenError(
             f"data file '{p}' could not be read as {p.suffix[1:]} ({type(e).__name__}): "
             "check its format and encoding"

@@ -12,7 +12,9 @@ Flower nor torch (:mod:`fedhaven.protocol` is imported where a site's reply is r
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from importlib.metadata import version
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -76,6 +78,13 @@ SIMULATED_UPDATE_SCALE = "simulated_update_scale"
 NEVER_PREDICTED = "never_predicted"
 #: The packages whose versions the summary records.
 VERSIONED = ("flwr", "torch", "transformers", "peft", "opacus")
+
+
+def run_directory(cfg: Config) -> Path:
+    """The run's directory: ``federation.out-dir``, else a new ``runs/<date>-<time>``."""
+    if cfg.federation.out_dir:
+        return Path(cfg.federation.out_dir)
+    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
 def site_row(

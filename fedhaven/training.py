@@ -106,13 +106,6 @@ def round_plan(cfg: Config, num_examples: int, *, release_prior: bool) -> RoundP
     return RoundPlan(sigma, [*(prior if release_prior else []), (sigma, rate, steps)])
 
 
-def round_releases(
-    cfg: Config, num_examples: int, *, release_prior: bool
-) -> list[tuple[float, float, int]]:
-    """The Gaussian releases one DP round at a site of this size will make, before it runs."""
-    return round_plan(cfg, num_examples, release_prior=release_prior).releases
-
-
 def _add_proximal_gradient(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, mu: float
 ) -> RemovableHandle:

@@ -11,8 +11,6 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, MetricRecord
@@ -57,12 +55,6 @@ log = logging.getLogger(__name__)
 
 #: Called after each round with that round's line of metrics.jsonl (the CLI prints progress).
 ProgressFn = Callable[[dict[str, Any]], None]
-
-
-def run_dir(cfg: Config) -> Path:
-    if cfg.federation.out_dir:
-        return Path(cfg.federation.out_dir)
-    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
 def build_strategy(cfg: Config) -> Validated:
@@ -152,7 +144,7 @@ class _Run:
     def __init__(self, grid: Grid, cfg: Config, progress: ProgressFn | None, engine: str) -> None:
         self.t0 = time.perf_counter()
         self.cfg, self.progress, self.engine = cfg, progress, engine
-        self.out = out = run_dir(cfg)
+        self.out = out = run_record.run_directory(cfg)
         saved = resume_state(out, cfg) if cfg.federation.resume else None
         out.mkdir(parents=True, exist_ok=True)
         if saved is None:

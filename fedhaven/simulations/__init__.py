@@ -20,7 +20,6 @@ import math
 import os
 import socket
 from collections.abc import Mapping
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,12 @@ from fedhaven.config import (
 )
 from fedhaven.errors import FedhavenError
 from fedhaven.report import write_report
-from fedhaven.run_record import SIMULATED_UPDATE_SCALE, SIMULATION, SUMMARY_FILE
+from fedhaven.run_record import (
+    SIMULATED_UPDATE_SCALE,
+    SIMULATION,
+    SUMMARY_FILE,
+    run_directory,
+)
 from fedhaven.server.app import ProgressFn
 from fedhaven.site_config import SiteConfig
 from fedhaven.tasks import get_task
@@ -283,8 +287,8 @@ def _simulate(
     from fedhaven.server.app import make_server_app
 
     if not cfg.federation.out_dir:
-        run_dir = os.path.join("runs", datetime.now().strftime("%Y%m%d-%H%M%S"))
-        cfg = cfg.replace(**{keys.FEDERATION_OUT_DIR: run_dir})
+        # one directory for the ServerApp and the sites' default state dirs alike
+        cfg = cfg.replace(**{keys.FEDERATION_OUT_DIR: str(run_directory(cfg))})
     if ray_address:  # the cluster's workers read and write these paths, from another cwd
         cfg = cfg.replace(**_absolute(cfg.to_flat(), PATH_KEYS))
         sites = _absolute(sites, (STATE_DIR,))

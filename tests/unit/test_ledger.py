@@ -30,7 +30,7 @@ from fedhaven.config import RESUME_MAY_CHANGE, Config
 from fedhaven.errors import FedhavenError
 from fedhaven.models import adapter_state, build_model
 from fedhaven.privacy import LEDGER_FILE, PRIOR_FILE, Ledger, PriorStore, epsilon_of, run_identity
-from fedhaven.training import round_releases
+from fedhaven.training import round_plan
 
 
 def instruction(cfg: Config, server_round: int) -> Message:
@@ -198,7 +198,7 @@ def test_the_budget_check_predicts_exactly_what_the_round_releases(
 ) -> None:
     cfg = tiny_cfg.replace(**{"privacy.enabled": True})
     train, _ = site_data(cfg, _site(tmp_path).node_config)
-    planned = round_releases(cfg, len(train), release_prior=True)
+    planned = round_plan(cfg, len(train), release_prior=True).releases
     handle_train(instruction(cfg, 1), _site(tmp_path, **{EPSILON_BUDGET: 1000.0}), cfg)
     (entry,) = Ledger(tmp_path).entries()
     assert [tuple(r) for r in entry["releases"]] == planned
