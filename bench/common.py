@@ -116,7 +116,7 @@ def simulate(label: str, args: Sequence[str]) -> Run:
     key = hashlib.sha256(json.dumps(args).encode()).hexdigest()[:16]
     out = runs_root() / key
     meta = out / RUN_META
-    from fedhaven.report import SUMMARY_FILE
+    from fedhaven.run_record import SUMMARY_FILE
 
     if meta.is_file():
         status(f"{label}: reusing the suite's run")
@@ -162,7 +162,7 @@ def majority_baseline(cfg: Any) -> dict[str, Any]:
 
 def trajectory(run: Run) -> list[float]:
     """The run's held-out macro-F1 after each round (its metrics.jsonl)."""
-    from fedhaven.report import METRICS_FILE
+    from fedhaven.run_record import METRICS_FILE
 
     lines = (run.run_dir / METRICS_FILE).read_text().splitlines()
     return [json.loads(line)["global"]["macro_f1"] for line in lines]

@@ -38,7 +38,7 @@ from common import md_table, report, simulate, status
 
 from fedhaven import auditlog
 from fedhaven.deploy.warm import READY as WARM_READY
-from fedhaven.report import SUMMARY_FILE
+from fedhaven.run_record import SUMMARY_FILE
 
 FEDHAVEN = [sys.executable, "-m", "fedhaven.cli"]
 OVERHEAD_GOAL_S = 3.0  # a site's per-message overhead, demo model

@@ -16,7 +16,7 @@ import sys
 
 from common import md_table, report, simulate
 
-from fedhaven.report import METRICS_FILE
+from fedhaven.run_record import METRICS_FILE
 
 SECURE = "federation.secure-aggregation=true"
 

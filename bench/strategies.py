@@ -41,7 +41,7 @@ from common import (
 )
 
 from fedhaven.config import STRATEGIES
-from fedhaven.report import METRICS_FILE
+from fedhaven.run_record import METRICS_FILE
 
 NAME = "strategies"
 PARTITIONS = "iid,dirichlet:1.0,dirichlet:0.5,dirichlet:0.1"

@@ -63,12 +63,6 @@ from fedhaven.run_record import (
     never_predicted,
 )
 
-# The run record owns these; imported from here too.
-from fedhaven.run_record import DEPLOYMENT as DEPLOYMENT
-from fedhaven.run_record import NEVER_PREDICTED as NEVER_PREDICTED
-from fedhaven.run_record import PLOTS as PLOTS
-from fedhaven.run_record import SIMULATION as SIMULATION
-
 
 def _read(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     summary_file, metrics_file = run_dir / SUMMARY_FILE, run_dir / METRICS_FILE

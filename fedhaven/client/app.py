@@ -36,18 +36,10 @@ from fedhaven import data as fdata
 from fedhaven.auditlog import AuditLog
 from fedhaven.client.mods import allowlist_mod, central_clipping_mod, secure_aggregation_mod
 from fedhaven.config import DATA_PATH, LORA_RANK, PARTITION_ID, Config, from_flat
-
-# Re-exported (redundant aliases) for callers that import them from here.
-from fedhaven.config import DELTA as DELTA
-from fedhaven.config import EPSILON_BUDGET as EPSILON_BUDGET
-from fedhaven.config import NUM_PARTITIONS as NUM_PARTITIONS
-from fedhaven.config import STATE_DIR as STATE_DIR
 from fedhaven.datacheck import DataReport, DataRules
 from fedhaven.encoded_cache import EncodedCache, cache_key
 from fedhaven.errors import FedhavenError
 from fedhaven.models import adapter_state, build_model, refactor_lora, set_adapter_state
-from fedhaven.privacy import ACCOUNTANT as ACCOUNTANT
-from fedhaven.privacy import LABEL_PRIOR as LABEL_PRIOR
 from fedhaven.privacy import RoundPlan, SitePrivacy
 from fedhaven.site_config import SiteConfig
 from fedhaven.tasks import get_task

@@ -25,7 +25,7 @@ from transformers import (
 
 from fedhaven.config import from_flat
 from fedhaven.models import adapter_state, build_model
-from fedhaven.report import NEVER_PREDICTED
+from fedhaven.run_record import NEVER_PREDICTED
 from fedhaven.tasks import causal_lm as clm
 from fedhaven.tasks import get_task
 from fedhaven.training import train_round

@@ -36,7 +36,7 @@ from deploy_helpers import (
 )
 
 from fedhaven import auditlog
-from fedhaven.report import METRICS_FILE, SUMMARY_FILE
+from fedhaven.run_record import METRICS_FILE, SUMMARY_FILE
 
 pytestmark = pytest.mark.slow
 

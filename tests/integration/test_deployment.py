@@ -29,7 +29,7 @@ from fedhaven import auditlog
 from fedhaven.deploy import warm
 from fedhaven.deploy.certs import site_keys
 from fedhaven.privacy import LEDGER_FILE
-from fedhaven.report import DEPLOYMENT, METRICS_FILE, SUMMARY_FILE
+from fedhaven.run_record import DEPLOYMENT, METRICS_FILE, SUMMARY_FILE
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ from fedhaven import data as fdata
 from fedhaven.config import Config, from_flat
 from fedhaven.errors import FedhavenError
 from fedhaven.models import adapter_state, build_model, load_trained
-from fedhaven.report import NEVER_PREDICTED
+from fedhaven.run_record import NEVER_PREDICTED
 from fedhaven.tasks import get_task
 from fedhaven.tasks.seq_cls import MeanPoolingClassifier
 from fedhaven.training import evaluate

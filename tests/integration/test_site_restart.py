@@ -29,7 +29,7 @@ from deploy_helpers import (
 
 from fedhaven import auditlog
 from fedhaven.privacy import Ledger, epsilon_of
-from fedhaven.report import SUMMARY_FILE
+from fedhaven.run_record import SUMMARY_FILE
 
 pytestmark = pytest.mark.slow
 

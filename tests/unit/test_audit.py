@@ -17,8 +17,8 @@ import pytest
 
 from fedhaven import data as fdata
 from fedhaven.audit import attack_auc, audit, label_matched
-from fedhaven.client.app import NUM_PARTITIONS, PARTITION_ID, site_train
-from fedhaven.config import from_flat
+from fedhaven.client.app import site_train
+from fedhaven.config import NUM_PARTITIONS, PARTITION_ID, from_flat
 from fedhaven.tasks import get_task
 
 pytestmark = pytest.mark.slow

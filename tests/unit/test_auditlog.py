@@ -16,8 +16,8 @@ from test_fedavg import W1, FakeGrid, error_reply, instruction, reply
 
 from fedhaven import auditlog, protocol
 from fedhaven.auditlog import AUDIT_FILE, AuditLog
-from fedhaven.client.app import EPSILON_BUDGET, STATE_DIR, handle_train
-from fedhaven.config import DATA_PATH, LABEL_RULE, Config
+from fedhaven.client.app import handle_train
+from fedhaven.config import DATA_PATH, EPSILON_BUDGET, LABEL_RULE, STATE_DIR, Config
 from fedhaven.errors import FedhavenError
 from fedhaven.models import adapter_state, build_model
 from fedhaven.strategies import FedAvg

@@ -173,7 +173,7 @@ def test_end_of_run_summary_warns_of_classes_never_predicted(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     from fedhaven.cli import _summary_table
-    from fedhaven.report import NEVER_PREDICTED
+    from fedhaven.run_record import NEVER_PREDICTED
 
     _summary_table(_summary(**{NEVER_PREDICTED: ["neutral"]}))
     warned = [line for line in capsys.readouterr().out.splitlines() if "never predicts" in line]

@@ -9,15 +9,10 @@ import pytest
 from flwr.app import Context, Message, MessageType, RecordDict
 
 from fedhaven import protocol
-from fedhaven.client.app import (
-    ACCOUNTANT,
-    LABEL_PRIOR,
-    PRIVACY_STATE,
-    handle_evaluate,
-    handle_train,
-)
+from fedhaven.client.app import PRIVACY_STATE, handle_evaluate, handle_train
 from fedhaven.config import Config
 from fedhaven.models import adapter_state, build_model
+from fedhaven.privacy import ACCOUNTANT, LABEL_PRIOR
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
 

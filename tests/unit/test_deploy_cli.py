@@ -23,8 +23,7 @@ from flwr.common.config import parse_config_args
 from test_certs import reissue
 
 from fedhaven.cli import main
-from fedhaven.client.app import DATA_PATH, DELTA, EPSILON_BUDGET, STATE_DIR
-from fedhaven.config import LABEL_RULE, MIN_PER_CLASS
+from fedhaven.config import DATA_PATH, DELTA, EPSILON_BUDGET, LABEL_RULE, MIN_PER_CLASS, STATE_DIR
 from fedhaven.datacheck import DataRules
 from fedhaven.deploy import coordinator, site
 from fedhaven.deploy.certs import init_ca, site_keys

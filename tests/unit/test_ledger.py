@@ -16,20 +16,19 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from opacus.accountants import RDPAccountant
 
 from fedhaven import protocol
-from fedhaven.client.app import (
-    DELTA,
-    EPSILON_BUDGET,
-    LABEL_PRIOR,
-    PRIVACY_STATE,
-    STATE_DIR,
-    handle_train,
-    make_client_app,
-    site_data,
-)
-from fedhaven.config import RESUME_MAY_CHANGE, Config
+from fedhaven.client.app import PRIVACY_STATE, handle_train, make_client_app, site_data
+from fedhaven.config import DELTA, EPSILON_BUDGET, RESUME_MAY_CHANGE, STATE_DIR, Config
 from fedhaven.errors import FedhavenError
 from fedhaven.models import adapter_state, build_model
-from fedhaven.privacy import LEDGER_FILE, PRIOR_FILE, Ledger, PriorStore, epsilon_of, run_identity
+from fedhaven.privacy import (
+    LABEL_PRIOR,
+    LEDGER_FILE,
+    PRIOR_FILE,
+    Ledger,
+    PriorStore,
+    epsilon_of,
+    run_identity,
+)
 from fedhaven.training import round_plan
 
 

@@ -11,16 +11,14 @@ import matplotlib.image as mpimg
 import pytest
 
 from fedhaven.errors import FedhavenError
-from fedhaven.report import (
+from fedhaven.report import model_card, per_class, write_report
+from fedhaven.run_record import (
     METRICS_FILE,
     PLOTS,
     PLOTS_DIR,
     REPORT_FILE,
     SUMMARY_FILE,
-    model_card,
     never_predicted,
-    per_class,
-    write_report,
 )
 
 LABELS = ["negative", "neutral", "positive"]

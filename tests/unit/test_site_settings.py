@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedhaven.client.app import DELTA, EPSILON_BUDGET, STATE_DIR
-from fedhaven.config import Config
+from fedhaven.config import DELTA, EPSILON_BUDGET, STATE_DIR, Config
 from fedhaven.errors import FedhavenError
 from fedhaven.simulations import (
     PATH_KEYS,
