@@ -107,13 +107,16 @@ def runs_root() -> Path:
     return _own_root
 
 
-def simulate(label: str, args: Sequence[str]) -> Run:
+def simulate(label: str, args: Sequence[str], *, draw: int = 1) -> Run:
     """``fedhaven simulate ARGS`` in its own process, or the suite's earlier run of it.
 
-    Its per-round lines become status lines (``label: round 3, 41 s``).
+    ``draw`` > 1: another run of the same arguments, not the shared one (a DP run is one
+    draw of its noise; a median needs several). Its per-round lines become status lines
+    (``label: round 3, 41 s``).
     """
     args = list(args)
-    key = hashlib.sha256(json.dumps(args).encode()).hexdigest()[:16]
+    named = args if draw == 1 else [*args, f"draw {draw}"]
+    key = hashlib.sha256(json.dumps(named).encode()).hexdigest()[:16]
     out = runs_root() / key
     meta = out / RUN_META
     from fedhaven.run_record import SUMMARY_FILE

@@ -24,7 +24,10 @@ PACKAGES = ("torch", "flwr", "ray", "transformers", "peft", "opacus", "datasets"
 SECTION = re.compile(r"^<!-- section: (\w+) -->\n", re.MULTILINE)
 SUITE_GOAL_MIN = 30
 DEMO_GOAL_S = 300  # `fedhaven simulate` on the demo: under 5 minutes
-DP_F1_GOAL, PRESET_F1_GOAL = 0.30, 0.42
+PRESET_F1_GOAL = 0.42
+#: The demo's DP goal (issue "Models worth deploying"): the median DP run's macro-F1 and
+#: accuracy, both at least these.
+DP_F1_GOAL, DP_ACCURACY_GOAL = 0.42, 0.65
 #: Issue 5's goals: the best rule within this many macro-F1 points of centralized training,
 #: without DP and at ε=8, on partitions at least as even as Dirichlet(0.5).
 RULE_GAP_GOAL = {"off": 1.0, "8": 3.0}
@@ -115,7 +118,8 @@ def _date(iso: str) -> str:
 def demo(r: Results, record: dict[str, Any]) -> dict[str, Any]:
     d = r["demo"]
     runs = {x["name"]: x for x in d["runs"]}
-    dp = runs["DP ε=8"]
+    dp = d["dp_median"]
+    draws = [x for x in d["runs"] if x["max_epsilon"] is not None]
     same, preset = runs["no DP (same defaults)"], runs.get("no DP (presets/no-dp.toml)")
     best = max((x for x in d["runs"] if x["max_epsilon"] is None), key=lambda x: x["macro_f1"])
     cost = best["macro_f1"] - dp["macro_f1"]
@@ -166,13 +170,29 @@ def demo(r: Results, record: dict[str, Any]) -> dict[str, Any]:
         "table": d["table"],
         "dp_cost_sentence": cost_sentence,
         "dp_vs_majority": "beat" if dp["macro_f1"] > majority["macro_f1"] else "did not beat",
-        "dp_vs_goal": "met" if dp["macro_f1"] >= DP_F1_GOAL else "missed",
+        "dp_runs": dp["runs"],
+        "dp_f1": f3(dp["macro_f1"]),
+        "dp_accuracy": f3(dp["accuracy"]),
+        "dp_goal": met(dp["macro_f1"] >= DP_F1_GOAL and dp["accuracy"] >= DP_ACCURACY_GOAL),
+        "dp_goal_f1": DP_F1_GOAL,
+        "dp_goal_accuracy": DP_ACCURACY_GOAL,
+        "dp_classes_sentence": _classes_sentence(draws),
         "central_dp_sentence": central_sentence,
         "dp_command": f"{dp['command_s'] / 60:.1f} min",
         "demo_time_goal": met(dp["command_s"] < DEMO_GOAL_S),
         "nodp_trajectory": nodp_trajectory,
         "preset_sentence": preset_sentence,
     }
+
+
+def _classes_sentence(draws: list[dict[str, Any]]) -> str:
+    """Whether each DP run's final model predicts every class (the report flags one that
+    never does)."""
+    missing = [(i, x["never_predicted"]) for i, x in enumerate(draws, 1) if x["never_predicted"]]
+    if not missing:
+        return f"all {len(draws)} DP runs' final models predict every class"
+    runs = "; ".join(f"run {i} never predicts {', '.join(labels)}" for i, labels in missing)
+    return f"{len(missing)} of {len(draws)} DP runs' final models miss a class ({runs})"
 
 
 def _partition(spec: str) -> str:

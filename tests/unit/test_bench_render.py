@@ -188,3 +188,41 @@ def test_a_separate_benchmark_is_dated_and_left_out_of_the_total() -> None:
     assert fields["total"] == "25.0"  # the timed pass only
     measured = render.separately("strategies", {"scripts": scripts})
     assert measured.startswith("Measured 2026-11-29 16:00 UTC by `python bench/suite.py --only")
+
+
+def _demo_run(name: str, f1: float, acc: float, eps: float | None, missing: list[str]) -> dict:
+    return {"name": name, "macro_f1": f1, "accuracy": acc, "max_epsilon": eps,
+            "never_predicted": missing, "wall_s": 60.0 + 10 * f1, "command_s": 70.0 + 10 * f1,
+            "trajectory": [0.2, 0.3, 0.25, 0.35]}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("accuracies", "status", "accuracy"),
+    [((0.60, 0.66, 0.70), "met", "0.660"), ((0.60, 0.62, 0.70), "not met", "0.620")],
+)
+def test_the_demo_goal_is_judged_on_the_median_dp_run_by_both_scores(
+    accuracies: tuple[float, ...], status: str, accuracy: str
+) -> None:
+    import demo
+
+    draws = [
+        _demo_run(f"DP ε=8, run {i}", f1, acc, 8.0, missing)
+        for i, (f1, acc, missing) in enumerate(
+            zip((0.30, 0.44, 0.43), accuracies, ([], ["neutral"], []), strict=True), 1
+        )
+    ]
+    no_dp = [_demo_run("no DP (same defaults)", 0.40, 0.66, None, [])]
+    median = demo._median(draws)
+    assert (median["macro_f1"], median["accuracy"]) == (0.43, float(accuracy))
+    assert median["command_s"] == 70.0 + 10 * 0.44  # the slowest draw's
+    results = {"demo": {"runs": draws + no_dp, "dp_median": median, "table": "| d |",
+                        "majority": {"label": "positive", "accuracy": 0.654, "macro_f1": 0.264,
+                                     "test_rows": 379},
+                        "labels": ["negative", "neutral", "positive"], "sites": 4, "rounds": 5,
+                        "partition": "dirichlet:1.0"}}  # fmt: skip
+    fields = render.demo(results, {})
+    assert fields["dp_goal"] == status
+    assert (fields["dp_f1"], fields["dp_accuracy"]) == ("0.430", accuracy)
+    assert fields["dp_classes_sentence"] == (
+        "1 of 3 DP runs' final models miss a class (run 2 never predicts neutral)"
+    )
