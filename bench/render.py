@@ -368,7 +368,8 @@ def scale(r: Results, record: dict[str, Any]) -> dict[str, Any]:
     data_note = (
         f"{max(sizes)} sites with at least three rows each need more than the demo's "
         f"{res[0]['rows']} rows: there the training file is the demo's rows repeated "
-        f"{copies} times."
+        f"{copies} times, each copy's reviews ending in \"copy K\" (the sites' data checks "
+        "drop duplicate texts)."
         if copies > 1
         else ""
     )

@@ -4,7 +4,8 @@ Each size runs `fedhaven simulate` in its own process (DP on, 2 rounds, IID part
 fraction-train = fraction-evaluate = 10 / sites) while a sampler adds up the resident memory
 of that process and all its children (Ray's workers included) every 0.2 s. The demo's 600
 training reviews are too few for 1000 sites with at least three rows each, so the training
-file is the demo's rows repeated as often as needed (said in the table). Prints peak memory
+file is the demo's rows repeated as often as needed (said in the table), each copy's
+reviews ending in "copy K": the sites' data checks drop duplicate texts. Prints peak memory
 of the whole process tree and the seconds per round. ``--sizes`` picks the site counts;
 other arguments go to every run.
 """
@@ -21,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+import pandas as pd
 import psutil
 from common import md_table, report, status
 
@@ -91,7 +93,11 @@ def main() -> None:
             copies = max(1, math.ceil(3 * sites / len(train)))  # >= 3 rows per site
             table = train.to_pandas()
             data = Path(tmp, f"train-{sites}.csv")
-            table.loc[table.index.repeat(copies)].to_csv(data, index=False)
+            text = Config().data.text_column
+            marked = [
+                table.assign(**{text: table[text] + f" copy {k}"}) for k in range(2, copies + 1)
+            ]
+            pd.concat([table, *marked]).to_csv(data, index=False)
             peak, s = run(sites, data, test, Path(tmp, f"run-{sites}"), extra)
             lines = (Path(s["run_dir"]) / "metrics.jsonl").read_text().splitlines()
             walls = [json.loads(x)["wall_s"] for x in lines]
