@@ -99,10 +99,10 @@ def site_public_keys(sites: Path) -> list[Path]:
     fix = "put each site's NAME.pub (from `fedhaven certs site NAME DIR`) there"
     if not sites.is_dir():
         raise FedhavenError(f"sites directory '{sites}' not found: {fix}")
-    keys = sorted(sites.glob(f"*{PUBLIC_KEY_SUFFIX}"))
-    if not keys:
+    found = sorted(sites.glob(f"*{PUBLIC_KEY_SUFFIX}"))
+    if not found:
         raise FedhavenError(f"no *{PUBLIC_KEY_SUFFIX} file in '{sites}': {fix}")
-    for path in keys:
+    for path in found:
         raw = readable_file(path, "site public key", fix)
         try:
             key = serialization.load_ssh_public_key(raw)
@@ -113,7 +113,7 @@ def site_public_keys(sites: Path) -> list[Path]:
                 f"'{path}' is not an OpenSSH EC public key: use the NAME.pub written by "
                 "`fedhaven certs site NAME DIR`"
             )
-    return keys
+    return found
 
 
 def superlink_command(
@@ -275,7 +275,7 @@ def serve(
                 "--certs DIR is required: the coordinator's PKI from `fedhaven certs init DIR`"
             )
         tls = {k: p.resolve() for k, p in check_certs(certs).items()}
-    keys = site_public_keys(sites) if sites is not None else []
+    site_keys = site_public_keys(sites) if sites is not None else []
     superlink, flwr = executable("flower-superlink"), executable("flwr")
     check_port_free(host, port)
     if insecure:  # after the checks: a refused start prints its one line only
@@ -295,11 +295,11 @@ def serve(
         try:
             link = FlowerProcess("flower-superlink", command, env)
             _wait_until_up(link, connect_host(host), port, start_timeout_s)
-            for key in keys:
+            for key in site_keys:
                 say(register_site(key, flwr, env))
             say(f"SuperLink up on {host}:{port}; start a run from anywhere with:")
             shown = "flwr" if shutil.which("flwr") == flwr else flwr
-            say(f"  {run_line(flwr_home, shown, app_dir(), len(keys))}")
+            say(f"  {run_line(flwr_home, shown, app_dir(), len(site_keys))}")
             say("Ctrl-C stops the coordinator.")
             code = link.wait()
             last = _last_line(link.output())

@@ -371,7 +371,8 @@ def serve(
     With ``warm_start`` the site keeps one process with the ClientApp's imports done and
     forks it for each message (:mod:`fedhaven.deploy.warm`).
     """
-    resolve(*parse_coordinator(coordinator))  # a name that resolves nowhere fails now, not in 120 s
+    link_host, link_port = parse_coordinator(coordinator)
+    resolve(link_host, link_port)  # a name that resolves nowhere fails now, not in 120 s
     ca, private_key = _tls_inputs(certs, key, insecure)
     data = check_data(data).resolve()
     site = site_from_flags(data, state, epsilon_budget, delta, lora_rank, rules).check(flags=True)
@@ -380,7 +381,7 @@ def serve(
     supernode = executable("flower-supernode")
     check_port_free(host, port)
     if ca is not None:
-        check_coordinator_tls(*parse_coordinator(coordinator), ca)
+        check_coordinator_tls(link_host, link_port, ca)
     if insecure:  # after the checks: a refused start prints its one line only
         warn(INSECURE_WARNING)
 

@@ -528,7 +528,7 @@ def test_site_port_in_use_leaves_state_alone(
     )
 
 
-def test_site_insecure_warns_and_refuses_a_key(
+def test_site_insecure_refuses_a_key_and_warns_once_its_checks_pass(
     tmp_path: Path, pki: dict[str, Path], monkeypatch, capsys
 ) -> None:
     err = _refused(
@@ -539,6 +539,20 @@ def test_site_insecure_warns_and_refuses_a_key(
         capsys,
     )
     assert site.INSECURE_WARNING not in err  # a refused start: its one line only
+
+    def stop(*_: object, **__: object) -> None:  # the first step after the checks
+        raise FedhavenError("stopped after the checks")
+
+    monkeypatch.setattr(site, "make_private_dir", stop)
+    args = ["site", "--coordinator", "127.0.0.1:9093", "--data", str(pki["data"])]
+    err = _refused(
+        [*args, "--state", str(tmp_path / "state"), "--insecure", "--port", str(_free_port())],
+        "stopped after the checks",
+        tmp_path,
+        monkeypatch,
+        capsys,
+    )
+    assert f"warning: {site.INSECURE_WARNING}" in err
 
 
 def test_site_refuses_an_expired_ca_or_a_server_certificate_as_ca(
