@@ -402,9 +402,13 @@ def model_card(summary: dict[str, Any]) -> str:
     central = summary.get(CENTRAL_DP)
     sites = summary[SITES]
     task = cfg.get(keys.MODEL_TASK, "seq-cls")
+    # a summary written before model.head-init existed started from nn.Linear's init
+    head = "linear head"
+    if cfg.get(keys.MODEL_HEAD_INIT) == "labels":
+        head += f" started from the label names' embeddings, '{cfg['model.label-prompt']}'"
     what = {
         "seq-cls": f"text classification into {', '.join(labels or [])} "
-        f"({cfg['model.pooling']} pooling + linear head)",
+        f"({cfg['model.pooling']} pooling + {head})",
         "image-cls": f"image classification into {', '.join(labels or [])}",
         "causal-lm": "instruction tuning of a causal LM (loss on the response tokens)",
     }[task]

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +17,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.hooks import RemovableHandle
 
-from fedhaven.config import Config
+from fedhaven.config import Config, keys
+from fedhaven.errors import FedhavenError
 from fedhaven.models import is_lora
 from fedhaven.privacy import (
     PrivateRound,
@@ -202,6 +206,33 @@ def _run_steps(
     return losses, step_seconds
 
 
+@contextmanager
+def _probe_round(model: torch.nn.Module, cfg: Config, server_round: int) -> Iterator[None]:
+    """In a probe round (``train.probe-rounds``) the LoRA weights are frozen, so that the
+    optimizer, Opacus's clipping and its noise see the head alone; trainable again after,
+    so that the reply (``adapter_state``) carries every adapter tensor."""
+    frozen: list[torch.nn.Parameter] = []
+    if server_round <= cfg.train.probe_rounds:
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        frozen = [p for n, p in trainable if is_lora(n)]
+        if len(frozen) == len(trainable):
+            raise FedhavenError(
+                f"config '{keys.TRAIN_PROBE_ROUNDS}' = {cfg.train.probe_rounds}: the model has "
+                "no head to train alone (lora.modules-to-save is empty): set it to 0"
+            )
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        with warnings.catch_warnings():
+            # Nothing below the head needs a gradient now; the head's backward hook (Opacus's
+            # per-sample gradients) needs only the gradient of its output, which torch warns of.
+            warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
+            yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
 def train_round(
     model: torch.nn.Module,
     data: TensorDataset,
@@ -220,7 +251,8 @@ def train_round(
     result carries them): the label histogram is released once per run, not once per round.
     ``noise_multiplier``: σ planned already (:func:`round_plan`; tests: 0), else solved here.
     ``proximal_mu`` > 0 adds FedProx's proximal term μ/2·‖w − w_start‖² over the trainable
-    weights (w_start: the weights this round starts from, the global model's).
+    weights (w_start: the weights this round starts from, the global model's). In the first
+    ``train.probe-rounds`` rounds LoRA stays frozen and the head trains alone.
     """
     steps = steps_per_round(len(data), cfg)
     if cfg.privacy.enabled:  # sampling and histogram noise must not be replayable
@@ -235,26 +267,27 @@ def train_round(
     loader = DataLoader(
         data, batch_size=min(cfg.train.batch_size, len(data)), shuffle=True, generator=generator
     )
-    optimizer = _optimizer(model, cfg, lr_factor(server_round, cfg))
-    if proximal_mu:  # on the inner optimizer, before Opacus wraps it
-        _add_proximal_gradient(model, optimizer, proximal_mu)
-    private: PrivateRound | None = None
-    forward = model
-    if cfg.privacy.enabled:
-        private = make_private(
-            model,
-            optimizer,
-            loader,
-            cfg.privacy,
-            total_steps=steps * cfg.federation.rounds,
-            other_releases=planned,
-            new_releases=released,
-            accountant_state=accountant_state,
-            noise_multiplier=noise_multiplier,
-            poisson_sampling=poisson_sampling,
-        )
-        optimizer, loader, forward = private.optimizer, private.loader, private.model
-    losses, step_seconds = _run_steps(model, forward, optimizer, loader, cfg, steps, adjust)
+    with _probe_round(model, cfg, server_round):
+        optimizer = _optimizer(model, cfg, lr_factor(server_round, cfg))
+        if proximal_mu:  # on the inner optimizer, before Opacus wraps it
+            _add_proximal_gradient(model, optimizer, proximal_mu)
+        private: PrivateRound | None = None
+        forward = model
+        if cfg.privacy.enabled:
+            private = make_private(
+                model,
+                optimizer,
+                loader,
+                cfg.privacy,
+                total_steps=steps * cfg.federation.rounds,
+                other_releases=planned,
+                new_releases=released,
+                accountant_state=accountant_state,
+                noise_multiplier=noise_multiplier,
+                poisson_sampling=poisson_sampling,
+            )
+            optimizer, loader, forward = private.optimizer, private.loader, private.model
+        losses, step_seconds = _run_steps(model, forward, optimizer, loader, cfg, steps, adjust)
     result = RoundResult(
         num_examples=len(data),
         steps=len(losses),

@@ -18,6 +18,8 @@ BUNDLED = "bundled"
 TASKS = ("seq-cls", "causal-lm", "image-cls")
 #: A LoRA setting left to the task's default (fedhaven.tasks: which modules fit its models).
 AUTO = "auto"
+#: model.head-init choices (seq-cls): nn.Linear's init, or the label names' embeddings.
+HEAD_INITS = ("random", "labels")
 #: privacy.central choices ("where clipping happens"-"how the bound is set").
 CENTRAL_DP = ("off", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
 
@@ -48,6 +50,16 @@ class ModelConfig:
     image_size: int = 32
     # causal-lm: tokens generated per answer at evaluation (greedy) and by `fedhaven predict`.
     max_new_tokens: int = 16
+    # seq-cls, mean pooling: how the linear head starts. "random": nn.Linear's init.
+    # "labels": class c's row is the encoder's embedding of label-prompt filled with label
+    # c's name (unit length, scaled): round 1 starts from a zero-shot classifier, at no
+    # privacy cost (the names are config, not data). It helps where the names describe the
+    # classes and hurts where they do not (DP at ε=8, BENCHMARKS.md: 20 Newsgroups +4
+    # points, SMS "ham"/"spam" -21), so it is a choice, not the default.
+    head_init: str = "random"
+    # The text embedded for each label by head-init "labels"; "{}" stands for the name, with
+    # "_" and "." read as spaces ("sci.med" -> "sci med"). E.g. "This review is {}.".
+    label_prompt: str = "{}"
 
     def __post_init__(self) -> None:
         _require(self.task in TASKS, keys.MODEL_TASK, self.task, f"use one of {', '.join(TASKS)}")
@@ -63,6 +75,25 @@ class ModelConfig:
         )
         _require(
             self.pooling in ("mean", "cls"), "model.pooling", self.pooling, "use 'mean' or 'cls'"
+        )
+        _require(
+            self.head_init in HEAD_INITS,
+            keys.MODEL_HEAD_INIT,
+            self.head_init,
+            f"use one of {', '.join(HEAD_INITS)}",
+        )
+        _require(
+            self.head_init != "labels" or (self.task == "seq-cls" and self.pooling == "mean"),
+            keys.MODEL_HEAD_INIT,
+            self.head_init,
+            "label embeddings fit seq-cls's mean-pooling head only: use model.task = "
+            "'seq-cls' with model.pooling = 'mean', or model.head-init = 'random'",
+        )
+        _require(
+            self.label_prompt.count("{}") == 1,
+            "model.label-prompt",
+            self.label_prompt,
+            "write '{}' once where the label name goes, e.g. 'This review is {}.'",
         )
 
 
@@ -145,6 +176,10 @@ class TrainConfig:
     logit_adjustment: float = 1.0
     local_epochs: int = 1
     local_steps: int = 0  # > 0 overrides local-epochs: optimizer steps per round
+    # The first probe-rounds rounds train the head (lora.modules-to-save) alone, LoRA frozen:
+    # linear probing, then fine-tuning (Kumar et al., ICLR 2022). Under DP the noise then
+    # falls on the head's weights only. 0: LoRA trains from round 1.
+    probe_rounds: int = 0
     # Full-batch steps at demo-sized sites (~150 rows): under DP the noise is added once per
     # step, so fewer, larger steps carry more signal per unit of noise.
     batch_size: int = 256
@@ -180,6 +215,12 @@ class TrainConfig:
             keys.TRAIN_LOCAL_STEPS,
             self.local_steps,
             "must be >= 0 (0 means: use local-epochs)",
+        )
+        _require(
+            self.probe_rounds >= 0,
+            keys.TRAIN_PROBE_ROUNDS,
+            self.probe_rounds,
+            "must be >= 0 (0 means: LoRA trains from round 1)",
         )
         _require(self.batch_size >= 1, keys.TRAIN_BATCH_SIZE, self.batch_size, "must be >= 1")
         _require(

@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 #: row for all-MiniLM-L6-v2 at 128 tokens: 2 GiB holds about 10,900 rows); a data set that
 #: would need more keeps its token ids instead, and every step runs the whole encoder again.
 PREFIX_CACHE_MAX_BYTES = 2 * 2**30
+#: model.head-init "labels": each row of the head is a label embedding of this length. A
+#: mean-pooled all-MiniLM-L6-v2 embedding has norm 2-4, so the starting logits are about
+#: 100 × the cosine similarities: the head starts as the zero-shot classifier. The demo
+#: under DP scored the same from 40 to 100, less from 2 to 10 (BENCHMARKS.md).
+HEAD_INIT_SCALE = 40.0
 
 
 @functools.lru_cache(maxsize=4)
@@ -49,6 +54,12 @@ def load_encoder(path: Path) -> PreTrainedModel:
     """The pretrained encoder, read once per process and never changed: ``build_base`` copies
     it, and the frozen prefix of every encoded row runs on it (the same weights)."""
     return AutoModel.from_pretrained(path).eval()
+
+
+def label_texts(names: list[str], prompt: str) -> list[str]:
+    """What ``model.head-init = labels`` embeds for each label: ``prompt`` with the name in
+    it, read as words ("sci.med" -> "sci med", "not_spam" -> "not spam")."""
+    return [prompt.replace("{}", n.replace("_", " ").replace(".", " ").strip()) for n in names]
 
 
 def _is_bert_like(encoder: nn.Module) -> bool:
@@ -148,7 +159,10 @@ class SeqCls(ClassificationTask):
         labels, path = self.labels, self.model_path()
         if self.cfg.model.pooling == "mean":
             encoder = copy.deepcopy(load_encoder(path))  # read once per process
-            return MeanPoolingClassifier(encoder, len(labels), self.frozen_layers())
+            model = MeanPoolingClassifier(encoder, len(labels), self.frozen_layers())
+            if self.cfg.model.head_init == "labels":
+                self._label_head(model)
+            return model
         return AutoModelForSequenceClassification.from_pretrained(
             path,
             num_labels=len(labels),
@@ -156,6 +170,25 @@ class SeqCls(ClassificationTask):
             label2id={name: i for i, name in enumerate(labels)},
             ignore_mismatched_sizes=True,  # the checkpoint's head may have another label count
         )
+
+    @torch.no_grad()
+    def _label_head(self, model: MeanPoolingClassifier) -> None:
+        """The head as a zero-shot classifier: class c scores the (scaled) cosine similarity
+        of a text's embedding with label c's, the way sentence encoders compare texts.
+
+        Under DP the few noisy steps a site can afford then refine a classifier that already
+        ranks the classes instead of building one from noise; the label names are public
+        (the run's config), so this spends no privacy budget.
+        """
+        tok = self.processor()
+        texts = label_texts(self.labels, self.cfg.model.label_prompt)
+        batch = tok(texts, padding=True, return_tensors="pt")
+        encoder = load_encoder(self.model_path())  # eval mode: no dropout
+        hidden = encoder(**batch).last_hidden_state
+        embedded = mean_pool(hidden, batch["attention_mask"])
+        weight = HEAD_INIT_SCALE * nn.functional.normalize(embedded, dim=-1)
+        model.classifier.weight.copy_(weight.to(model.classifier.weight.dtype))
+        model.classifier.bias.zero_()
 
     def frozen_layers(self) -> int:
         """k: how many encoder layers, above the embeddings, nothing trains — the frozen

@@ -95,6 +95,9 @@ def test_config_is_frozen() -> None:
         ("data.text-column", ""),
         ("model.max-length", 4),
         ("model.pooling", "max"),
+        ("model.head-init", "zeros"),
+        ("model.label-prompt", "This review is"),
+        ("model.label-prompt", "{} or {}"),
         ("train.schedule", "cosine"),
         ("train.learning-rate", 0),
         ("train.batch-size", 0),
@@ -114,6 +117,15 @@ def test_bad_value_raises_naming_the_key(key: str, value: object) -> None:
     with pytest.raises(FedhavenError) as e:
         from_flat({key: value})
     assert f"'{key}'" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "other", [{"model.pooling": "cls"}, {"model.task": "causal-lm"}, {"model.task": "image-cls"}]
+)
+def test_label_head_init_needs_the_mean_pooling_text_head(other: dict[str, str]) -> None:
+    with pytest.raises(FedhavenError, match=r"'model\.head-init' = 'labels'.*mean-pooling"):
+        from_flat({"model.head-init": "labels", **other})
+    from_flat({"model.head-init": "random", **other})
 
 
 def test_unknown_key_raises_naming_it() -> None:

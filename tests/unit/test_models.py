@@ -19,7 +19,7 @@ from fedhaven.models import (
     set_adapter_state,
 )
 from fedhaven.tasks import get_task
-from fedhaven.tasks.seq_cls import MeanPoolingClassifier
+from fedhaven.tasks.seq_cls import HEAD_INIT_SCALE, MeanPoolingClassifier, label_texts
 
 
 def _batch(cfg: Config) -> dict[str, torch.Tensor]:
@@ -196,3 +196,60 @@ def test_saved_adapter_reloads_to_identical_logits(
         plain = _exported_base(tiny_model_dir, cfg).eval()(**batch).logits
     assert torch.allclose(got, want, atol=1e-6)
     assert not torch.allclose(plain, want, atol=1e-3)  # the adapter matters
+
+
+#: Labels that are words of the tiny model's vocabulary (the default ones are not: [UNK]).
+WORDS = "bad,okay,good"
+
+
+def _head(model: PeftModel) -> torch.nn.Linear:
+    return model.base_model.model.classifier.modules_to_save["default"]
+
+
+def test_label_head_starts_as_the_label_embeddings(tiny_cfg: Config) -> None:
+    """Row c of the head is HEAD_INIT_SCALE × the unit mean-pooled embedding of label c's
+    prompt, computed here by hand through the pretrained encoder; the bias is 0."""
+    flat = {"model.head-init": "labels", "model.label-prompt": "it was {}", "data.labels": WORDS}
+    cfg = tiny_cfg.replace(**flat)
+    head = _head(build_model(cfg))
+    encoder = AutoModel.from_pretrained(cfg.model.path).eval()
+    tok = get_task(cfg).processor()
+    for c, name in enumerate(cfg.data.label_names):
+        ids = tok(f"it was {name}", return_tensors="pt")
+        with torch.no_grad():
+            states = encoder(**ids).last_hidden_state[0]  # one text: no padding to mask
+        expected = HEAD_INIT_SCALE * states.mean(0) / states.mean(0).norm()
+        torch.testing.assert_close(head.weight[c].detach(), expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(head.bias.detach(), torch.zeros(len(cfg.data.label_names)))
+
+
+def test_label_head_scores_each_label_text_highest(tiny_cfg: Config) -> None:
+    """The zero-shot classifier it starts as: each label's own prompt is its best class."""
+    cfg = tiny_cfg.replace(**{"model.head-init": "labels", "data.labels": WORDS})
+    model = build_model(cfg).eval()
+    tok = get_task(cfg).processor()
+    enc = tok(label_texts(cfg.data.label_names, "{}"), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+    assert logits.argmax(-1).tolist() == list(range(len(cfg.data.label_names)))
+
+
+def test_random_head_init_is_the_seeded_linear_init(tiny_cfg: Config) -> None:
+    """The default: nn.Linear's init under the run's seed, the same at every site."""
+
+    def head(init: str, seed: int) -> torch.Tensor:
+        cfg = tiny_cfg.replace(**{"model.head-init": init, "train.seed": seed})
+        return _head(build_model(cfg)).weight.detach()
+
+    assert torch.equal(head("random", 0), head("random", 0))
+    assert not torch.equal(head("random", 0), head("random", 1))
+    assert not torch.equal(head("random", 0), head("labels", 0))
+    assert torch.equal(head("labels", 0), head("labels", 1))  # no randomness in it
+
+
+def test_label_texts_read_separators_as_spaces() -> None:
+    assert label_texts(["sci.med", "not_spam", "ham"], "A {} message.") == [
+        "A sci med message.",
+        "A not spam message.",
+        "A ham message.",
+    ]

@@ -151,6 +151,16 @@ def test_report_and_model_card_warn_of_a_class_never_predicted(run_dir: Path) ->
     assert card.index(NEVER_WARNING) < card.index("## Model")
 
 
+def test_model_card_says_where_the_head_started(run_dir: Path) -> None:
+    assert "(mean pooling + linear head)" in _model_card(run_dir)
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    summary["config"] |= {"model.head-init": "labels", "model.label-prompt": "A {} review."}
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary))
+    card = _model_card(run_dir)
+    assert "(mean pooling + linear head started from the label names' embeddings, " in card
+    assert "'A {} review.')" in card
+
+
 def test_model_card_shows_the_sites_data_checks(run_dir: Path) -> None:
     assert "rows in file" not in _model_card(run_dir)  # no site checked its own file
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())

@@ -15,6 +15,7 @@ from torch.utils.data import TensorDataset
 
 from fedhaven import training
 from fedhaven.config import Config, from_flat
+from fedhaven.errors import FedhavenError
 from fedhaven.models import adapter_state, build_model, is_lora, set_adapter_state
 from fedhaven.privacy import sample_rate
 from fedhaven.tasks import get_task
@@ -343,3 +344,46 @@ def test_proximal_term_keeps_the_weights_near_the_global_model(
         }
     for part in ("lora", "head"):
         assert distances[100.0][part] < distances[0.0][part] / 3, (part, distances)
+
+
+@pytest.mark.parametrize("privacy", [False, True])
+def test_probe_rounds_train_the_head_alone_then_lora(
+    tiny_cfg: Config, train_data: TensorDataset, privacy: bool
+) -> None:
+    cfg = _one_step(tiny_cfg, privacy).replace(**{"train.probe-rounds": 1})
+    model = build_model(cfg)
+    start = adapter_state(model)
+    lora_b = {k for k in start if "lora_B" in k}
+    head = {k for k in start if "classifier" in k}
+    result = train_round(model, train_data, cfg, server_round=1)
+    probed = adapter_state(model)
+    assert set(probed) == set(start)  # LoRA trainable again: the reply carries it
+    assert all(torch.equal(probed[k], start[k]) for k in lora_b)
+    assert all(not torch.equal(probed[k], start[k]) for k in head)
+    model = build_model(cfg)  # a round's model is fresh, as at a site (Opacus hooks it once)
+    set_adapter_state(model, probed)
+    train_round(
+        model,
+        train_data,
+        cfg,
+        server_round=2,
+        accountant_state=result.accountant_state,
+        label_prior=result.label_prior,
+    )
+    tuned = adapter_state(model)
+    assert all(not torch.equal(tuned[k], probed[k]) for k in lora_b)
+
+
+def test_probe_rounds_need_a_head(tiny_cfg: Config, train_data: TensorDataset) -> None:
+    cfg = _one_step(tiny_cfg, False).replace(
+        **{"train.probe-rounds": 1, "lora.modules-to-save": "pooler"}
+    )
+    model = build_model(cfg)
+    for name, p in model.named_parameters():  # LoRA alone is trainable
+        if not is_lora(name):
+            p.requires_grad_(False)
+    before = adapter_state(model)
+    with pytest.raises(FedhavenError, match=r"'train\.probe-rounds' = 1: .*no head"):
+        train_round(model, train_data, cfg)
+    assert all(p.requires_grad for n, p in model.named_parameters() if is_lora(n))
+    assert all(torch.equal(adapter_state(model)[k], before[k]) for k in before)
