@@ -54,8 +54,8 @@ class ModelConfig:
     # "labels": class c's row is the encoder's embedding of label-prompt filled with label
     # c's name (unit length, scaled): round 1 starts from a zero-shot classifier, at no
     # privacy cost (the names are config, not data). It helps where the names describe the
-    # classes and hurts where they do not (DP at ε=8, BENCHMARKS.md: 20 Newsgroups +4
-    # points, SMS "ham"/"spam" -21), so it is a choice, not the default.
+    # classes and hurts where they do not (DP at ε=8, BENCHMARKS.md: 20 Newsgroups +3
+    # points, SMS "ham"/"spam" -15), so it is a choice, not the default.
     head_init: str = "random"
     # The text embedded for each label by head-init "labels"; "{}" stands for the name, with
     # "_" and "." read as spaces ("sci.med" -> "sci med"). E.g. "This review is {}.".

@@ -150,9 +150,9 @@ def trained(cfg: Config, steps: int = 12) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory: pytest.TempPathFactory, make_rows) -> Path:
-    """A tiny BERT whose tokenizer knows the rows' words (conftest's maps every word to
-    [UNK]: its ``vocab_file`` is ignored), saved as BertForSequenceClassification, so its
-    checkpoint's keys carry the ``bert.`` prefix that loading the encoder must strip."""
+    """A tiny BERT whose tokenizer knows the rows' words, saved as
+    BertForSequenceClassification, so its checkpoint's keys carry the ``bert.`` prefix that
+    loading the encoder must strip."""
     words = sorted({w for text in make_rows(60, 0)["review"] for w in text.split()})
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
     d = tmp_path_factory.mktemp("tiny-bert-words")

@@ -27,9 +27,8 @@ def cfg(tiny_cfg: Config) -> Config:
 
 @pytest.fixture(scope="module")
 def rows() -> Dataset:
-    """30 rows of 1 to 13 words, so that rows and evaluation batches differ in length.
-    The tiny tokenizer knows its special tokens only (under transformers 5 the fixture's
-    ``vocab_file`` is ignored): every word is [UNK], [MASK] varies the content."""
+    """30 rows of 1 to 13 words, so that rows and evaluation batches differ in length;
+    "good" and [MASK] vary the content."""
     rng = random.Random(0)
     texts = [
         " ".join(rng.choice(["good", "[MASK]"]) for _ in range(rng.randint(1, 13)))
