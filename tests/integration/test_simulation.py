@@ -109,7 +109,9 @@ def test_adapter_loads_and_reproduces_the_global_metrics(
     if cfg.model.pooling == "cls":
         base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
     else:
-        base = MeanPoolingClassifier(AutoModel.from_pretrained(tiny_model_dir), 3)
+        # the rows below are encoded past the frozen prefix (hidden states): run the rest only
+        frozen = get_task(cfg).frozen_layers()
+        base = MeanPoolingClassifier(AutoModel.from_pretrained(tiny_model_dir), 3, frozen)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loaded = PeftModel.from_pretrained(base, run["out"] / "adapter")
