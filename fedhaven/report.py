@@ -405,7 +405,7 @@ def model_card(summary: dict[str, Any]) -> str:
     # a summary written before model.head-init existed started from nn.Linear's init
     head = "linear head"
     if cfg.get(keys.MODEL_HEAD_INIT) == "labels":
-        head += f" started from the label names' embeddings, '{cfg['model.label-prompt']}'"
+        head += f" started from the label names' embeddings, '{cfg[keys.MODEL_LABEL_PROMPT]}'"
     what = {
         "seq-cls": f"text classification into {', '.join(labels or [])} "
         f"({cfg['model.pooling']} pooling + {head})",

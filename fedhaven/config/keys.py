@@ -11,6 +11,7 @@ MODEL_MAX_LENGTH = "model.max-length"
 MODEL_IMAGE_SIZE = "model.image-size"
 MODEL_MAX_NEW_TOKENS = "model.max-new-tokens"
 MODEL_HEAD_INIT = "model.head-init"
+MODEL_LABEL_PROMPT = "model.label-prompt"
 
 LORA_R = "lora.r"
 LORA_ALPHA = "lora.alpha"

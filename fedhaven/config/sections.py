@@ -91,7 +91,7 @@ class ModelConfig:
         )
         _require(
             self.label_prompt.count("{}") == 1,
-            "model.label-prompt",
+            keys.MODEL_LABEL_PROMPT,
             self.label_prompt,
             "write '{}' once where the label name goes, e.g. 'This review is {}.'",
         )
