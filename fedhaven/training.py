@@ -17,8 +17,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.hooks import RemovableHandle
 
-from fedhaven.config import Config, keys
-from fedhaven.errors import FedhavenError
+from fedhaven.config import Config
 from fedhaven.models import is_lora
 from fedhaven.privacy import (
     PrivateRound,
@@ -31,6 +30,7 @@ from fedhaven.privacy import (
 )
 from fedhaven.privacy import label_prior as private_label_prior
 from fedhaven.tasks import get_task
+from fedhaven.tasks.base import no_head_to_probe
 
 
 @dataclass
@@ -216,10 +216,7 @@ def _probe_round(model: torch.nn.Module, cfg: Config, server_round: int) -> Iter
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         frozen = [p for n, p in trainable if is_lora(n)]
         if len(frozen) == len(trainable):
-            raise FedhavenError(
-                f"config '{keys.TRAIN_PROBE_ROUNDS}' = {cfg.train.probe_rounds}: the model has "
-                "no head to train alone (lora.modules-to-save is empty): set it to 0"
-            )
+            raise no_head_to_probe(cfg)  # e.g. modules-to-save names no module of the model
     try:
         for p in frozen:
             p.requires_grad_(False)

@@ -150,6 +150,7 @@ class _Run:
         if saved is None:
             drop_checkpoint(out)
         self.task = task = get_task(cfg)
+        task.check()
         self.test = task.encode(task.load(cfg.data.test_path, split="test"))
         self.model = build_model(cfg, default_device())
         self.base = build_strategy(cfg)

@@ -244,6 +244,7 @@ def _absolute(flat: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Any]
 def preflight(cfg: Config) -> None:
     """Fail fast, before Ray starts, on every user error we can see from here."""
     task = get_task(cfg)
+    task.check()
     task.model_path()
     full = task.load(cfg.data.path)
     fdata.partition(full, cfg.data, cfg.federation.sites, cfg.train.seed)

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedhaven import data as fdata
-from fedhaven.config import BUNDLED, Config, LoraConfig
+from fedhaven.config import BUNDLED, Config, LoraConfig, keys
 from fedhaven.datacheck import DataReport, DataRules
 from fedhaven.errors import FedhavenError
 
@@ -46,6 +46,14 @@ def cache_dir() -> Path:
 #: 128 is the length all-MiniLM-L6-v2 was trained at and what 2 CPU cores can afford in the
 #: demo; with a GPU, set ``model.max-length`` higher.
 LENGTH_QUANTILE, LENGTH_STEP, AUTO_MAX_LENGTH = 0.9, 32, 128
+
+
+def no_head_to_probe(cfg: Config) -> FedhavenError:
+    """``train.probe-rounds`` on a model whose head is not trained (nothing but LoRA would)."""
+    return FedhavenError(
+        f"config '{keys.TRAIN_PROBE_ROUNDS}' = {cfg.train.probe_rounds}: the model has no head "
+        "to train alone (lora.modules-to-save is empty): set it to 0"
+    )
 
 
 def fit_length(token_counts: Sequence[int], max_length: int) -> int:
@@ -88,6 +96,12 @@ class Task(ABC):
     def lora(self) -> LoraConfig:
         """``cfg.lora`` with "auto" resolved to this task's defaults."""
         return self.cfg.lora.resolved(*self.lora_defaults)
+
+    def check(self) -> None:
+        """The config's errors that only this task's defaults reveal ("auto" resolves per
+        task), raised where a run starts rather than in a site's first round."""
+        if self.cfg.train.probe_rounds and not self.lora.saved_modules:
+            raise no_head_to_probe(self.cfg)
 
     def model_path(self) -> Path:
         """The local HF directory of ``model.path`` ("bundled": this task's bundled model)."""

@@ -289,6 +289,11 @@ CASES: list[Case] = [
         lambda t, x: _simulate(t, x, "--site-state", str(_write(t, "state", "not a dir"))),
         "'sites.state-dir' = '{tmp}/state' is not a directory: give a directory",
     ),
+    Case(  # caught before the run starts, not in each site's first round
+        "config-probe-rounds-without-head",
+        lambda t, x: _config(t, x, '[lora]\nmodules-to-save = ""\n[train]\nprobe-rounds = 2\n'),
+        "config 'train.probe-rounds' = 2: the model has no head to train alone",
+    ),
     Case(
         "config-unknown-strategy",
         lambda t, x: _config(t, x, '[federation]\nstrategy = "fedbest"\n'),

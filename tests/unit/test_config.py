@@ -10,6 +10,7 @@ import pytest
 
 from fedhaven.config import Config, from_flat, load_toml, valid_keys
 from fedhaven.errors import FedhavenError
+from fedhaven.tasks import get_task
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
@@ -254,3 +255,21 @@ def test_named_keys_are_config_keys() -> None:
 
     named = [v for k, v in vars(keys).items() if k.isupper()]
     assert named and set(named) <= set(valid_keys())
+
+
+@pytest.mark.parametrize(
+    ("flat", "refused"),
+    [
+        ({"model.task": "causal-lm"}, True),  # its "auto" trains no head
+        ({}, False),  # seq-cls: the classifier
+        ({"lora.modules-to-save": ""}, True),
+    ],
+)
+def test_probe_rounds_need_a_head_the_task_trains(flat: dict[str, str], refused: bool) -> None:
+    task = get_task(from_flat({**flat, "train.probe-rounds": 1}))
+    if refused:
+        with pytest.raises(FedhavenError, match=r"'train\.probe-rounds' = 1: .*no head"):
+            task.check()
+    else:
+        task.check()
+    get_task(from_flat(flat)).check()  # no probe rounds: nothing to refuse
