@@ -196,7 +196,7 @@ def demo_data(cfg: Any, *, pooled: bool = False) -> tuple[list[tuple[Any, Any]],
     ``pooled``: one site holding every site's training rows (and no validation rows): the
     centralized baseline, trained on exactly the rows the federation trained on.
     """
-    import torch
+    from datasets import concatenate_datasets
     from torch.utils.data import TensorDataset
 
     from fedhaven import data as fdata
@@ -205,13 +205,11 @@ def demo_data(cfg: Any, *, pooled: bool = False) -> tuple[list[tuple[Any, Any]],
     task = get_task(cfg)
     full = task.load(cfg.data.path)
     parts = fdata.simulated_sites(full, cfg.data, cfg.federation.sites, cfg.train.seed)
-    sites = [(task.encode(train), task.encode(val)) for train, val in parts]
     test = task.encode(task.load(cfg.data.test_path, split="test"))
-    if pooled:
-        tensors = zip(*(train.tensors for train, _ in sites), strict=True)
-        empty = TensorDataset(*(t[:0] for t in sites[0][0].tensors))
-        sites = [(TensorDataset(*(torch.cat(ts) for ts in tensors)), empty)]
-    return sites, test
+    if pooled:  # encoded as one set: each site's rows may fit another padded length
+        train = task.encode(concatenate_datasets([train for train, _ in parts]))
+        return [(train, TensorDataset(*(t[:0] for t in train.tensors)))], test
+    return [(task.encode(train), task.encode(val)) for train, val in parts], test
 
 
 @dataclass

@@ -71,3 +71,30 @@ def test_a_slice_keeps_the_cells_of_other_sets(
     again = [_cell("sms", "federated", "8", "iid", 0, 0.9)]
     merged = sets.merge_cells(sets.earlier_cells(sets.NAME), again, sets.KEY)
     assert [(c["set"], c["macro_f1"]) for c in merged] == [("drug", 0.3), ("sms", 0.9)]
+
+
+def test_pooled_rows_encode_as_one_set_when_sites_pad_differently(
+    tiny_flat: dict[str, object], make_rows, tmp_path: Path
+) -> None:
+    """The centralized baseline pools every site's training rows. With ``model.max-length``
+    0 each site's rows fit their own padded length, so the sites' tensors cannot simply be
+    stacked (the crash this guards against); the pooled rows are encoded together."""
+    from common import demo_data
+
+    from fedhaven.config import from_flat
+
+    rows = make_rows(60, 3)
+    long = rows["rating"] == "positive"  # one label's reviews are long: 40 more words
+    rows.loc[long, "review"] = rows.loc[long, "review"] + " the pill" * 20
+    csv = tmp_path / "rows.csv"
+    rows.to_csv(csv, index=False)
+    flat = {**tiny_flat, "data.path": str(csv), "model.max-length": 0,
+            "data.partition": "dirichlet:0.05", "federation.sites": 3}  # fmt: skip
+    cfg = from_flat(flat)
+    sites, _ = demo_data(cfg)
+    lengths = {train.tensors[0].shape[1] for train, _ in sites}
+    assert len(lengths) > 1  # the sites pad differently, or this tests nothing
+    ((pooled, val),) = demo_data(cfg, pooled=True)[0]
+    assert len(pooled) == sum(len(train) for train, _ in sites)
+    assert pooled.tensors[0].shape[1] >= max(lengths)
+    assert len(val) == 0
