@@ -52,7 +52,7 @@ def no_head_to_probe(cfg: Config) -> FedhavenError:
     """``train.probe-rounds`` on a model whose head is not trained (nothing but LoRA would)."""
     return FedhavenError(
         f"config '{keys.TRAIN_PROBE_ROUNDS}' = {cfg.train.probe_rounds}: the model has no head "
-        "to train alone (lora.modules-to-save is empty): set it to 0"
+        "to train alone (lora.modules-to-save trains no module of it): set it to 0"
     )
 
 
