@@ -73,6 +73,26 @@ def test_a_slice_keeps_the_cells_of_other_sets(
     assert [(c["set"], c["macro_f1"]) for c in merged] == [("drug", 0.3), ("sms", 0.9)]
 
 
+def test_privacy_slices_and_simulate_flags_pass_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--privacy off` measures the runs without DP only, and simulate's own `--set` reaches
+    simulate: argparse would otherwise read it as an abbreviation of `--sets`."""
+    seen: list[tuple[list[str], list[str]]] = []
+
+    def measure(name, seeds, partitions, privacies, extra):  # type: ignore[no-untyped-def]
+        seen.append((privacies, extra))
+        return []
+
+    monkeypatch.setattr(sets, "measure", measure)
+    monkeypatch.setattr(sets, "report", lambda *a, **k: None)
+    argv = ["sets.py", "--sets", "sms-spam", "--privacy", "off", "--set", "train.seed=3"]
+    monkeypatch.setattr(sys, "argv", argv)
+    sets.main()
+    assert seen == [(["off"], ["--set", "train.seed=3"])]
+    monkeypatch.setattr(sys, "argv", ["sets.py", "--privacy", "4"])
+    with pytest.raises(SystemExit, match="--privacy takes 'off', '8' or 'off,8', not '4'"):
+        sets.main()
+
+
 def test_pooled_rows_encode_as_one_set_when_sites_pad_differently(
     tiny_flat: dict[str, object], make_rows, tmp_path: Path
 ) -> None:
