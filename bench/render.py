@@ -147,15 +147,15 @@ def demo(r: Results, record: dict[str, Any]) -> dict[str, Any]:
     path = " → ".join(f"{x:.2f}" for x in traj)
     nodp_trajectory = path if turns >= 2 else f"{path}: no oscillation in this run"
     if preset is None:
-        preset_sentence = "were not run (the preset row is missing)."
+        preset_sentence = "was not run (the preset row is missing)."
     else:
         p, n = preset["macro_f1"], same["macro_f1"]
         goal = f"goal {PRESET_F1_GOAL}: {met(p >= PRESET_F1_GOAL)}"
         preset_sentence = (
-            f"learn more: the preset reaches **{f3(p)}** against {f3(n)} ({goal}), in "
+            f"learns more: it reaches **{f3(p)}** against {f3(n)} ({goal}), in "
             f"{preset['wall_s']:.0f} s."
             if p > n
-            else f"did not learn more in this run: the preset reaches {f3(p)} against "
+            else f"did not learn more in this run: it reaches {f3(p)} against "
             f"{f3(n)} ({goal}), in {preset['wall_s']:.0f} s."
         )
     return {

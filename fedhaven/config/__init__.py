@@ -26,6 +26,7 @@ from fedhaven.config.sections import (
     AUTO,
     BUNDLED,
     CENTRAL_DP,
+    RECIPE,
     TASKS,
     DataConfig,
     LoraConfig,
@@ -33,6 +34,7 @@ from fedhaven.config.sections import (
     PrivacyConfig,
     TrainConfig,
     _require,
+    recipe,
 )
 from fedhaven.errors import FedhavenError
 
@@ -50,6 +52,7 @@ __all__ = [
     "MIN_PER_CLASS",
     "NUM_PARTITIONS",
     "PARTITION_ID",
+    "RECIPE",
     "RESUME_MAY_CHANGE",
     "SECURE_AGGREGATION_CENTRAL",
     "SECURE_AGGREGATION_STRATEGIES",
@@ -154,7 +157,9 @@ class Config:
         }
 
     def replace(self, **flat: Scalar) -> Config:
-        """A copy with some flat keys changed (validated like :func:`from_flat`)."""
+        """A copy with some flat keys changed (validated like :func:`from_flat`). The
+        recipe's values stay as they are when privacy.enabled changes; give one "auto" to
+        take its value for the new setting."""
         return from_flat({**self.to_flat(), **flat})
 
 
@@ -194,7 +199,8 @@ def _coerce(key: str, value: Any, typ: type) -> Scalar:
     elif typ is str:
         if isinstance(value, str):
             return value
-    raise FedhavenError(f"config '{key}' = {value!r} is invalid: expected {_TYPE_NAMES[typ]}")
+    auto = f" or '{AUTO}' (with or without DP: the recipe's value)" if key in RECIPE else ""
+    raise FedhavenError(f"config '{key}' = {value!r} is invalid: expected {_TYPE_NAMES[typ]}{auto}")
 
 
 def valid_keys() -> list[str]:
@@ -202,7 +208,8 @@ def valid_keys() -> list[str]:
 
 
 def from_flat(flat: Mapping[str, Any]) -> Config:
-    """Build the typed config from a flat mapping; absent keys take their defaults."""
+    """Build the typed config from a flat mapping; absent keys take their defaults, and the
+    recipe's (:data:`RECIPE`), absent or "auto", their value with or without DP."""
     sections: dict[str, dict[str, Scalar]] = {f.name: {} for f in fields(Config)}
     types: dict[str, tuple[str, str, type]] = {}
     for sec in fields(Config):
@@ -210,9 +217,14 @@ def from_flat(flat: Mapping[str, Any]) -> Config:
         hints = get_type_hints(sec_type)
         for f in fields(sec_type):
             types[_flat_key(sec.name, f.name)] = (sec.name, f.name, hints[f.name])
-    for key, value in flat.items():
+    for key in flat:
         if key not in types:
             raise FedhavenError(f"unknown config key '{key}': valid keys are {', '.join(types)}")
+    # The recipe's "auto" settings (and absent ones) take the value for privacy.enabled.
+    private = flat.get(keys.PRIVACY_ENABLED, PrivacyConfig.enabled)
+    private = _coerce(keys.PRIVACY_ENABLED, private, bool)
+    given = {k: recipe(k, bool(private)) for k in RECIPE if flat.get(k, AUTO) == AUTO}
+    for key, value in {**flat, **given}.items():
         sec_name, name, typ = types[key]
         sections[sec_name][name] = _coerce(key, value, typ)
     hints = get_type_hints(Config)

@@ -294,6 +294,11 @@ CASES: list[Case] = [
         lambda t, x: _config(t, x, '[lora]\nmodules-to-save = ""\n[train]\nprobe-rounds = 2\n'),
         "config 'train.probe-rounds' = 2: the model has no head to train alone",
     ),
+    Case(  # the recipe's keys take "auto" too: the error says so
+        "config-recipe-key-not-a-number",
+        lambda t, x: _config(t, x, '[train]\nbatch-size = "big"\n'),
+        "config 'train.batch-size' = 'big' is invalid: expected a whole number or 'auto'",
+    ),
     Case(
         "config-unknown-strategy",
         lambda t, x: _config(t, x, '[federation]\nstrategy = "fedbest"\n'),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedhaven.config import Config, from_flat, load_toml, valid_keys
+from fedhaven.config import RECIPE, Config, from_flat, load_toml, valid_keys
 from fedhaven.errors import FedhavenError
 from fedhaven.tasks import get_task
 
@@ -237,9 +237,30 @@ def test_pyproject_run_config_matches_config_defaults() -> None:
         f"missing {sorted(set(defaults) - set(table))}, extra {sorted(set(table) - set(defaults))}"
     )
     for key, value in defaults.items():
+        if key in RECIPE:  # resolved by privacy.enabled, so the deployed run's too
+            assert table[key] == "auto", key
+            continue
         assert table[key] == value, key
         assert isinstance(table[key], bool) == isinstance(value, bool), key
     assert from_flat(table) == Config()
+    no_dp = from_flat({**table, "privacy.enabled": False})
+    assert no_dp == from_flat({"privacy.enabled": False}) != Config()
+
+
+def test_the_recipe_follows_privacy_unless_given() -> None:
+    """"auto" (or no value) takes the recipe's value with or without DP; a value given stays,
+    whatever privacy.enabled says; replace keeps the resolved values unless told "auto"."""
+    dp, no_dp = from_flat({}).train, from_flat({"privacy.enabled": "false"}).train
+    assert (dp.learning_rate, dp.batch_size, dp.local_epochs) == (0.6, 256, 1)
+    assert (no_dp.learning_rate, no_dp.batch_size, no_dp.local_epochs) == (0.03, 32, 2)
+    assert (no_dp.lora_learning_rate, no_dp.logit_adjustment) == (0.01, 0.5)
+    assert from_flat({"train.learning-rate": "auto"}).train == dp
+    given = from_flat({"privacy.enabled": False, "train.batch-size": 256}).train
+    assert (given.batch_size, given.learning_rate) == (256, 0.03)
+    kept = Config().replace(**{"privacy.enabled": False})
+    assert kept.train == dp
+    again = Config().replace(**{"privacy.enabled": False, "train.learning-rate": "auto"})
+    assert again.train.learning_rate == 0.03 and again.train.batch_size == 256
 
 
 def test_no_dp_preset_is_a_valid_config_without_privacy() -> None:
