@@ -248,7 +248,7 @@ def test_pyproject_run_config_matches_config_defaults() -> None:
 
 
 def test_the_recipe_follows_privacy_unless_given() -> None:
-    """"auto" (or no value) takes the recipe's value with or without DP; a value given stays,
+    """ "auto" (or no value) takes the recipe's value with or without DP; a value given stays,
     whatever privacy.enabled says; replace keeps the resolved values unless told "auto"."""
     dp, no_dp = from_flat({}).train, from_flat({"privacy.enabled": "false"}).train
     assert (dp.learning_rate, dp.batch_size, dp.local_epochs) == (0.6, 256, 1)
