@@ -181,8 +181,21 @@ def demo(r: Results, record: dict[str, Any]) -> dict[str, Any]:
         "dp_command": f"{dp['command_s'] / 60:.1f} min",
         "demo_time_goal": met(dp["command_s"] < DEMO_GOAL_S),
         "nodp_trajectory": nodp_trajectory,
+        "nodp_recipe": _no_dp_recipe(),
         "preset_sentence": preset_sentence,
     }
+
+
+def _no_dp_recipe() -> str:
+    """What `--no-dp` trains with, read from the config's one recipe table."""
+    from fedhaven.config import RECIPE, keys
+
+    v = {k: no_dp for k, (_, no_dp) in RECIPE.items()}
+    return (
+        f"minibatches of {v[keys.TRAIN_BATCH_SIZE]:g}, {v[keys.TRAIN_LOCAL_EPOCHS]:g} local "
+        f"epochs and rates {v[keys.TRAIN_LEARNING_RATE]:g} / {v[keys.TRAIN_LORA_LEARNING_RATE]:g}"
+        " (head / LoRA)"
+    )
 
 
 def _classes_sentence(draws: list[dict[str, Any]]) -> str:

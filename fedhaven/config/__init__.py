@@ -221,10 +221,10 @@ def from_flat(flat: Mapping[str, Any]) -> Config:
         if key not in types:
             raise FedhavenError(f"unknown config key '{key}': valid keys are {', '.join(types)}")
     # The recipe's "auto" settings (and absent ones) take the value for privacy.enabled.
-    private = flat.get(keys.PRIVACY_ENABLED, PrivacyConfig.enabled)
-    private = _coerce(keys.PRIVACY_ENABLED, private, bool)
-    given = {k: recipe(k, bool(private)) for k in RECIPE if flat.get(k, AUTO) == AUTO}
-    for key, value in {**flat, **given}.items():
+    enabled = flat.get(keys.PRIVACY_ENABLED, PrivacyConfig.enabled)
+    private = _coerce(keys.PRIVACY_ENABLED, enabled, bool)
+    auto = {k: recipe(k, bool(private)) for k in RECIPE if flat.get(k, AUTO) == AUTO}
+    for key, value in {**flat, **auto}.items():
         sec_name, name, typ = types[key]
         sections[sec_name][name] = _coerce(key, value, typ)
     hints = get_type_hints(Config)

@@ -184,8 +184,8 @@ def recipe(key: str, private: bool) -> float:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # The fields of RECIPE default to their DP values here; from_flat resolves "auto" (or
-    # an absent key) by privacy.enabled.
+    # RECIPE's fields default to their DP values (privacy.enabled's default); from_flat
+    # resolves "auto" (or an absent key) by privacy.enabled.
     # The head's (and modules-to-save's) AdamW learning rate.
     learning_rate: float = recipe(keys.TRAIN_LEARNING_RATE, True)
     lora_learning_rate: float = recipe(keys.TRAIN_LORA_LEARNING_RATE, True)  # 0 = learning-rate
