@@ -252,7 +252,7 @@ def test_an_unknown_task_is_a_config_error() -> None:
 def test_the_task_setting_selects_causal_lm(cfg: Config) -> None:
     task = get_task(cfg)
     assert isinstance(task, CausalLM) and not task.classification
-    assert task.lora.targets == ["q_proj", "v_proj"] and task.lora.saved_modules == []
+    assert task.lora.targets == ["o_proj", "down_proj"] and task.lora.saved_modules == []
 
 
 # --- generation and evaluation ----------------------------------------------------------
@@ -354,8 +354,9 @@ def test_opacus_accepts_the_peft_wrapped_decoder(cfg: Config) -> None:
     model = build_model(cfg)
     assert ModuleValidator.validate(model, strict=False) == []
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    # LoRA on q/v of both layers of the 2-layer model, the embeddings and the rest frozen
-    assert len(trainable) == 2 * 2 * 2 and all("lora_" in n for n in trainable)
+    # LoRA A and B on o_proj and down_proj of the last layer only, everything else frozen
+    assert len(trainable) == 2 * 2 and all("lora_" in n for n in trainable)
+    assert all(".layers.1." in n and ("o_proj" in n or "down_proj" in n) for n in trainable)
 
 
 def test_a_dp_step_moves_the_lora_weights_and_only_them(cfg: Config, csv: Path) -> None:
