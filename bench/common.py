@@ -36,6 +36,11 @@ RUNS_ENV = "FEDHAVEN_BENCH_RUNS"
 STATUS_PREFIX = "[bench] "
 #: Written into a shared run's folder once the run is complete.
 RUN_META = "bench-run.json"
+#: The demo's runs, as every table and the report name them: the defaults (DP at ε=8),
+#: `--no-dp` (the recipe's no-DP values) and the no-DP preset.
+DP_RUN = "DP ε=8 (defaults)"
+NO_DP_RUN = "no DP (--no-dp)"
+PRESET_RUN = "no DP (presets/no-dp.toml)"
 
 
 def status(message: str) -> None:

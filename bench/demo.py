@@ -12,7 +12,17 @@ import statistics
 import sys
 from typing import Any
 
-from common import PRESET, Run, majority_baseline, md_table, report, simulate, trajectory
+from common import (
+    NO_DP_RUN,
+    PRESET,
+    PRESET_RUN,
+    Run,
+    majority_baseline,
+    md_table,
+    report,
+    simulate,
+    trajectory,
+)
 
 from fedhaven.config import from_flat
 
@@ -21,8 +31,8 @@ DP = "DP ε=8"
 #: one draw, and the goal is judged on the median.
 DP_DRAWS = 3
 NO_DP = {
-    "no DP (same defaults)": ["--no-dp"],
-    "no DP (presets/no-dp.toml)": ["--config", PRESET],
+    NO_DP_RUN: ["--no-dp"],
+    PRESET_RUN: ["--config", PRESET],
 }
 
 

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import RESULTS_ENV, local_rounds, md_table, report, status
+from common import NO_DP_RUN, RESULTS_ENV, local_rounds, md_table, report, status
 
 from fedhaven.config import Config
 
@@ -52,7 +52,7 @@ def main() -> None:
         path = Path(os.environ[RESULTS_ENV], f"{NAME}_dp_overhead.json")
         overhead = json.loads(path.read_text())
     rows, data = [], []
-    for name, dp in (("DP ε=8", True), ("no DP (same defaults)", False)):
+    for name, dp in (("DP ε=8", True), (NO_DP_RUN, False)):
         cfg = Config().replace(**{"privacy.enabled": dp, "federation.rounds": a.rounds})
 
         def on_round(r: int, name: str = name) -> None:

@@ -19,6 +19,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from common import DP_RUN, NO_DP_RUN, PRESET_RUN
+
 TEMPLATE = Path(__file__).with_name("BENCHMARKS.template.md")
 PACKAGES = ("torch", "flwr", "ray", "transformers", "peft", "opacus", "datasets")
 SECTION = re.compile(r"^<!-- section: (\w+) -->\n", re.MULTILINE)
@@ -120,7 +122,7 @@ def demo(r: Results, record: dict[str, Any]) -> dict[str, Any]:
     runs = {x["name"]: x for x in d["runs"]}
     dp = d["dp_median"]
     draws = [x for x in d["runs"] if x["max_epsilon"] is not None]
-    same, preset = runs["no DP (same defaults)"], runs.get("no DP (presets/no-dp.toml)")
+    same, preset = runs[NO_DP_RUN], runs.get(PRESET_RUN)
     best = max((x for x in d["runs"] if x["max_epsilon"] is None), key=lambda x: x["macro_f1"])
     cost = best["macro_f1"] - dp["macro_f1"]
     if cost > 0:
@@ -133,7 +135,7 @@ def demo(r: Results, record: dict[str, Any]) -> dict[str, Any]:
             f"DP at ε=8 costs nothing in this run: {f3(dp['macro_f1'])} macro-F1 against "
             f"{f3(best['macro_f1'])} for the best federation without DP ({best['name']})."
         )
-    central = _row(r, "centralized", "DP ε=8 (defaults)")
+    central = _row(r, "centralized", DP_RUN)
     central_sentence = (
         f"centralized training on the same rows at ε=8 scored {f3(central['macro_f1'])} "
         "(utility, below)."
@@ -220,7 +222,7 @@ def _row(r: Results, how: str, name: str) -> dict[str, Any] | None:
 
 def utility(r: Results, record: dict[str, Any]) -> dict[str, Any]:
     u = r["utility"]
-    names = {"DP ε=8 (defaults)": "With DP at ε=8", "no DP (same defaults)": "Without DP"}
+    names = {DP_RUN: "With DP at ε=8", NO_DP_RUN: "Without DP"}
     gaps = {}
     for name, words in names.items():
         fed, cen = _row(r, "federated", name), _row(r, "centralized", name)
@@ -237,7 +239,7 @@ def utility(r: Results, record: dict[str, Any]) -> dict[str, Any]:
         )
     costs = []
     for how in ("centralized", "federated"):
-        dp, plain = _row(r, how, "DP ε=8 (defaults)"), _row(r, how, "no DP (same defaults)")
+        dp, plain = _row(r, how, DP_RUN), _row(r, how, NO_DP_RUN)
         assert dp and plain
         costs.append(f"{plain['macro_f1'] - dp['macro_f1']:+.3f} {how}")
     batches = "; ".join(f"{fed} → {cen} ({name})" for name, (fed, cen) in u["batches"].items())
@@ -248,10 +250,10 @@ def utility(r: Results, record: dict[str, Any]) -> dict[str, Any]:
         "batches": f"batch {batches}",
         "majority_f1": f3(u["majority"]["macro_f1"]),
         "table": u["table"],
-        "dp_gap_sentence": gaps["DP ε=8 (defaults)"],
-        "nodp_gap_sentence": gaps["no DP (same defaults)"],
-        "dp_cost_sentence": "What DP at ε=8 costs (no-DP macro-F1 minus DP macro-F1, same "
-        f"defaults): {', '.join(costs)}.",
+        "dp_gap_sentence": gaps[DP_RUN],
+        "nodp_gap_sentence": gaps[NO_DP_RUN],
+        "dp_cost_sentence": "What DP at ε=8 costs (no-DP macro-F1 minus DP macro-F1, default "
+        f"flags): {', '.join(costs)}.",
     }
 
 

@@ -15,22 +15,29 @@ from __future__ import annotations
 
 import argparse
 
-from common import PRESET, centralized, majority_baseline, md_table, report, simulate
+from common import (
+    DP_RUN,
+    NO_DP_RUN,
+    PRESET,
+    PRESET_RUN,
+    centralized,
+    majority_baseline,
+    md_table,
+    report,
+    simulate,
+)
 
 from fedhaven.config import from_flat
 
-RUNS = {
-    "DP ε=8 (defaults)": [],
-    "no DP (same defaults)": ["--no-dp"],
-}
-PRESET_RUN = {"no DP (presets/no-dp.toml)": ["--config", PRESET]}
+RUNS = {DP_RUN: [], NO_DP_RUN: ["--no-dp"]}
+PRESET_RUNS = {PRESET_RUN: ["--config", PRESET]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--preset", action="store_true", help="also the no-DP preset, both ways")
     a, extra = ap.parse_known_args()
-    runs = RUNS | (PRESET_RUN if a.preset else {})
+    runs = RUNS | (PRESET_RUNS if a.preset else {})
     rows, data, batches, pooled = [], [], {}, 0
     for name, args in runs.items():
         run = simulate(f"utility: federated {name}", [*extra, *args])

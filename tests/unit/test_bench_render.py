@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import common
 import render
 
 RECORD: dict[str, Any] = {
@@ -211,7 +212,7 @@ def test_the_demo_goal_is_judged_on_the_median_dp_run_by_both_scores(
             zip((0.30, 0.44, 0.43), accuracies, ([], ["neutral"], []), strict=True), 1
         )
     ]
-    no_dp = [_demo_run("no DP (same defaults)", 0.40, 0.66, None, [])]
+    no_dp = [_demo_run(common.NO_DP_RUN, 0.40, 0.66, None, [])]
     median = demo._median(draws)
     assert (median["macro_f1"], median["accuracy"]) == (0.43, float(accuracy))
     assert median["command_s"] == 70.0 + 10 * 0.44  # the slowest draw's
