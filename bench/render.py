@@ -122,7 +122,7 @@ def demo(r: Results, record: dict[str, Any]) -> dict[str, Any]:
     runs = {x["name"]: x for x in d["runs"]}
     dp = d["dp_median"]
     draws = [x for x in d["runs"] if x["max_epsilon"] is not None]
-    same, preset = runs[NO_DP_RUN], runs.get(PRESET_RUN)
+    no_dp, preset = runs[NO_DP_RUN], runs.get(PRESET_RUN)
     best = max((x for x in d["runs"] if x["max_epsilon"] is None), key=lambda x: x["macro_f1"])
     cost = best["macro_f1"] - dp["macro_f1"]
     if cost > 0:
@@ -143,7 +143,7 @@ def demo(r: Results, record: dict[str, Any]) -> dict[str, Any]:
         else "the centralized reference in DESIGN.md collapsed to 0.26 at ε=8."
     )
     majority = d["majority"]
-    traj = same["trajectory"]
+    traj = no_dp["trajectory"]
     steps = [b - a for a, b in itertools.pairwise(traj)]
     turns = sum(1 for a, b in itertools.pairwise(steps) if a * b < 0)
     path = " → ".join(f"{x:.2f}" for x in traj)
@@ -151,7 +151,7 @@ def demo(r: Results, record: dict[str, Any]) -> dict[str, Any]:
     if preset is None:
         preset_sentence = "was not run (the preset row is missing)."
     else:
-        p, n = preset["macro_f1"], same["macro_f1"]
+        p, n = preset["macro_f1"], no_dp["macro_f1"]
         goal = f"goal {PRESET_F1_GOAL}: {met(p >= PRESET_F1_GOAL)}"
         preset_sentence = (
             f"learns more: it reaches **{f3(p)}** against {f3(n)} ({goal}), in "
