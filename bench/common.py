@@ -41,6 +41,12 @@ RUN_META = "bench-run.json"
 DP_RUN = "DP ε=8 (defaults)"
 NO_DP_RUN = "no DP (--no-dp)"
 PRESET_RUN = "no DP (presets/no-dp.toml)"
+#: Their `fedhaven simulate` arguments, the same in every script: a run is made once, shared.
+DEMO_RUNS: dict[str, list[str]] = {
+    DP_RUN: [],
+    NO_DP_RUN: ["--no-dp"],
+    PRESET_RUN: ["--config", PRESET],
+}
 
 
 def status(message: str) -> None:

@@ -13,8 +13,8 @@ import sys
 from typing import Any
 
 from common import (
+    DEMO_RUNS,
     NO_DP_RUN,
-    PRESET,
     PRESET_RUN,
     Run,
     majority_baseline,
@@ -30,10 +30,7 @@ DP = "DP ε=8"
 #: The DP defaults run this many times: their noise is OS-seeded on purpose, so one run is
 #: one draw, and the goal is judged on the median.
 DP_DRAWS = 3
-NO_DP = {
-    NO_DP_RUN: ["--no-dp"],
-    PRESET_RUN: ["--config", PRESET],
-}
+NO_DP = {name: DEMO_RUNS[name] for name in (NO_DP_RUN, PRESET_RUN)}
 
 
 def _median(dp_runs: list[dict[str, Any]]) -> dict[str, Any]:

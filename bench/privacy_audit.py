@@ -12,11 +12,11 @@ from __future__ import annotations
 import sys
 import time
 
-from common import md_table, report, simulate, status
+from common import DEMO_RUNS, DP_RUN, NO_DP_RUN, md_table, report, simulate, status
 
 from fedhaven.audit import audit
 
-RUNS = {"no DP": ["--no-dp"], "DP ε=8": [], "DP ε=1": ["--epsilon", "1"]}
+RUNS = {"no DP": DEMO_RUNS[NO_DP_RUN], "DP ε=8": DEMO_RUNS[DP_RUN], "DP ε=1": ["--epsilon", "1"]}
 GOAL = 0.55  # attack AUC at ε=8
 
 

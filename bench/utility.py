@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 
 from common import (
+    DEMO_RUNS,
     DP_RUN,
     NO_DP_RUN,
-    PRESET,
     PRESET_RUN,
     centralized,
     majority_baseline,
@@ -29,8 +29,8 @@ from common import (
 
 from fedhaven.config import from_flat
 
-RUNS = {DP_RUN: [], NO_DP_RUN: ["--no-dp"]}
-PRESET_RUNS = {PRESET_RUN: ["--config", PRESET]}
+RUNS = {name: DEMO_RUNS[name] for name in (DP_RUN, NO_DP_RUN)}
+PRESET_RUNS = {PRESET_RUN: DEMO_RUNS[PRESET_RUN]}
 
 
 def main() -> None:
