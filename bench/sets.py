@@ -5,12 +5,14 @@ default command and flags a new user would type on their own CSV (`fedhaven simu
 --data train.csv --test test.csv --text-column text --label-column label --labels ...`) and
 10 sites:
 
-- federated, no DP (`--no-dp`), at each partition (IID and Dirichlet(0.5));
-- federated, DP at ε=8 (the default), at each partition, one run per seed (`--seed`);
+- federated, no DP (`--no-dp`) and DP at ε=8 (the default), at each partition (IID and
+  Dirichlet(0.5)), one run per seed (`--seeds`, given to simulate as `--seed`);
 - centralized, no DP and DP at ε=8 (one per seed): every site's training rows pooled and
   trained through the same `training.train_round` (bench/common.py `centralized`).
 
-DP runs are medians over the seeds; runs without DP are deterministic. Under the suite the
+Every cell is the median over its seeds. A seed fixes the partition, the initialization and
+the order of the minibatches (and the DP noise), so a run without DP repeats exactly but is
+still one draw of the partition: it gets the same seeds as a DP run. Under the suite the
 cells accumulate over invocations (`--args="--sets newsgroups"` adds that set's cells;
 `--privacy 8 --partitions iid` only those). Flags it does not know go to `fedhaven simulate`.
 The goals (issue "Models worth deploying"): without DP, federated within 1 macro-F1 point
@@ -61,10 +63,9 @@ def measure(
     cells: list[dict[str, Any]] = []
     for privacy in privacies:
         flags = ["--no-dp"] if privacy == "off" else []
-        runs_seeds = [seeds[0]] if privacy == "off" else seeds  # no DP: deterministic
         flat: dict[str, Any] = {}
         for partition in partitions:
-            for seed in runs_seeds:
+            for seed in seeds:
                 label = f"{name}, federated, privacy {privacy}, {partition}, seed {seed}"
                 args = [*base, *flags, "--partition", partition, "--seed", str(seed)]
                 run = simulate(label, args)
@@ -74,7 +75,7 @@ def measure(
                      "partition": partition, "seed": seed, "wall_s": run.summary["wall_s"],
                      **_scores(run.summary["global"])}
                 )  # fmt: skip
-        for seed in runs_seeds:  # the pooled rows do not depend on the partition
+        for seed in seeds:  # the pooled rows do not depend on the partition
             central = centralized(flat | {"train.seed": seed}, f"{name} privacy {privacy}")
             cells.append(
                 {"set": name, "how": "centralized", "privacy": privacy, "partition": "pooled",
@@ -137,7 +138,7 @@ def table(med: dict[tuple[str, str, str, str], dict[str, float]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)  # --set is simulate's
     ap.add_argument("--sets", default=",".join(textsets.SETS), help="comma-separated set names")
-    ap.add_argument("--seeds", default="0,1,2", help="seeds of the DP runs (their median)")
+    ap.add_argument("--seeds", default="0,1,2", help="seeds of every cell (their median)")
     ap.add_argument("--partitions", default=",".join(PARTITIONS))
     ap.add_argument("--privacy", default="off,8", help="'off' (no DP), '8' (ε=8) or both")
     a, extra = ap.parse_known_args()
@@ -145,6 +146,9 @@ def main() -> None:
         seeds = [int(s) for s in a.seeds.split(",")]
     except ValueError:
         raise SystemExit(f"--seeds takes comma-separated integers, not {a.seeds!r}") from None
+    if any(x == "--seed" or x.startswith(("--seed=", "train.seed=")) for x in extra):
+        # each run gets its own --seed after the flags passed through, which would win
+        raise SystemExit("the sets benchmark seeds each run itself: give --seeds 0,1,2, not --seed")
     privacies = a.privacy.split(",")
     if not set(privacies) <= {"off", "8"}:
         raise SystemExit(f"--privacy takes 'off', '8' or 'off,8', not {a.privacy!r}")

@@ -3,8 +3,8 @@
 Each cell is one `fedhaven simulate` run with `--sites 10` (default) and the demo's other
 defaults (DP-tuned), the rule set by `federation.strategy`: global (held-out) accuracy and
 macro-F1, the worst site's validation accuracy under the final model, bytes per round (sent
-+ received) and the sites used per round. Without DP the runs take the no-DP preset
-(presets/no-dp.toml), whose settings are tuned for clean gradients. A centralized row per
++ received) and the sites used per round. Without DP the runs take `--no-dp`, the flag a
+new user types (the recipe's no-DP values: minibatches, two local epochs). A centralized row per
 privacy setting trains every site's training rows pooled through the same loop for the same
 rounds and steps (bench/common.py: `centralized`).
 
@@ -30,7 +30,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from common import (
-    PRESET,
     Run,
     centralized,
     earlier_cells,
@@ -144,7 +143,7 @@ def main() -> None:
         return run
 
     for eps in a.privacy.split(","):
-        dp = ["--config", PRESET] if eps == "off" else ["--epsilon", eps]
+        dp = ["--no-dp"] if eps == "off" else ["--epsilon", eps]
         for seed in seeds:
             seeded = [] if seed is None else ["--set", f"train.seed={seed}"]
             common = ["--sites", str(a.sites), *dp, *seeded, *extra]

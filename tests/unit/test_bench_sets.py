@@ -1,4 +1,4 @@
-"""bench/sets.py's bookkeeping: DP seeds collapse to medians, each goal compares with
+"""bench/sets.py's bookkeeping: seeds collapse to medians, each goal compares with
 centralized training without DP, and the DP goal skips sets under 2,000 rows (synthetic
 cells, no runs)."""
 
@@ -84,13 +84,65 @@ def test_privacy_slices_and_simulate_flags_pass_through(monkeypatch: pytest.Monk
 
     monkeypatch.setattr(sets, "measure", measure)
     monkeypatch.setattr(sets, "report", lambda *a, **k: None)
-    argv = ["sets.py", "--sets", "sms-spam", "--privacy", "off", "--set", "train.seed=3"]
+    argv = ["sets.py", "--sets", "sms-spam", "--privacy", "off", "--set", "model.max-length=64"]
     monkeypatch.setattr(sys, "argv", argv)
     sets.main()
-    assert seen == [(["off"], ["--set", "train.seed=3"])]
+    assert seen == [(["off"], ["--set", "model.max-length=64"])]
     monkeypatch.setattr(sys, "argv", ["sets.py", "--privacy", "4"])
     with pytest.raises(SystemExit, match="--privacy takes 'off', '8' or 'off,8', not '4'"):
         sets.main()
+
+
+@pytest.mark.parametrize("given", [["--seed", "3"], ["--seed=3"], ["--set", "train.seed=3"]])
+def test_a_seed_passed_through_is_refused(
+    given: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each run gets the benchmark's own `--seed` after the flags passed through, so a seed
+    among them would be silently overridden: it is an error that names `--seeds`."""
+    monkeypatch.setattr(sets, "measure", lambda *a: pytest.fail("measured despite the seed"))
+    monkeypatch.setattr(sys, "argv", ["sets.py", "--sets", "sms-spam", *given])
+    with pytest.raises(SystemExit, match="give --seeds 0,1,2, not --seed"):
+        sets.main()
+
+
+def test_every_cell_runs_once_per_seed_with_and_without_dp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A seed draws the partition as well as the noise, so the runs without DP take every
+    seed too: each (how, privacy, partition) cell has one run per seed, seeded as given."""
+    from common import Run
+    from textsets import Prepared
+
+    prepared = Prepared(tmp_path / "train.csv", tmp_path / "test.csv", ["--data", "x"], 2400, 600)
+    monkeypatch.setattr(sets.textsets, "materialize", lambda name, folder: prepared)
+    monkeypatch.setattr(sets, "runs_root", lambda: tmp_path)
+    scores = {"macro_f1": 0.5, "accuracy": 0.6}
+    simulated: list[list[str]] = []
+
+    def simulate(label: str, args: list[str]) -> Run:
+        simulated.append(args)
+        summary = {"config": {"train.seed": 0}, "wall_s": 1.0, "global": scores}
+        return Run(summary, tmp_path, 1.0)
+
+    pooled: list[tuple[object, str]] = []
+
+    def centralized(flat: dict[str, object], label: str) -> dict[str, object]:
+        pooled.append((flat["train.seed"], label))
+        return {"wall_s": 1.0, "evaluation": scores}
+
+    monkeypatch.setattr(sets, "simulate", simulate)
+    monkeypatch.setattr(sets, "centralized", centralized)
+    cells = sets.measure("sms-spam", [4, 7], ["iid"], ["off", "8"], [])
+    assert [(c["how"], c["privacy"], c["seed"]) for c in cells] == [
+        ("federated", "off", 4), ("federated", "off", 7),
+        ("centralized", "off", 4), ("centralized", "off", 7),
+        ("federated", "8", 4), ("federated", "8", 7),
+        ("centralized", "8", 4), ("centralized", "8", 7),
+    ]  # fmt: skip
+    assert [a[a.index("--seed") + 1] for a in simulated] == ["4", "7", "4", "7"]
+    assert ["--no-dp" in a for a in simulated] == [True, True, False, False]
+    assert [seed for seed, _ in pooled] == [4, 7, 4, 7]
+    assert {sets.medians(cells)["sms-spam", "federated", "off", "iid"]["runs"]} == {2}
 
 
 def test_pooled_rows_encode_as_one_set_when_sites_pad_differently(
