@@ -495,7 +495,7 @@ def strategies(r: Results, record: dict[str, Any]) -> dict[str, Any]:
                 f"{'below' if gap >= 0 else 'above'} centralized ({f3(central['macro_f1'])}; "
                 f"{verdict})."
             )
-    # bytes depend on the settings (the no-DP preset adapts every layer): same cell only
+    # bytes depend on the run's settings (LoRA's layers, DP or not): same cell only
     fedavg = {(x["partition"], x["epsilon"]): x["bytes_per_round"] for x in rows
               if x["rule"] == "fedavg"}  # fmt: skip
     ratios = [
