@@ -13,7 +13,7 @@ rounds and steps (bench/common.py: `centralized`).
 fedmedian, trimmedavg, krum, and fedavg with each update clipped to twice the median
 update norm of the clean fedavg run (`federation.update-norm-bound`).
 
-The whole grid (8 rules × 4 partitions × 2, ~2 min a run at ε=8, ~5 without DP) takes hours
+The whole grid (8 rules × 4 partitions × 2, ~2 min a run with DP or without) takes hours
 on 2 cores, so it is built a slice at a time: under the suite the cells of every earlier
 invocation are kept (a cell measured again is replaced), and the table shows them all.
 ``--seeds 0,1,2`` repeats each cell with those training seeds; the table shows medians.
