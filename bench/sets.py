@@ -75,7 +75,9 @@ def measure(
                      "partition": partition, "seed": seed, "wall_s": run.summary["wall_s"],
                      **_scores(run.summary["global"])}
                 )  # fmt: skip
-        for seed in seeds:  # the pooled rows do not depend on the partition
+        # pooled: the last partition's sites' training rows (which rows each site holds out
+        # for validation, and their order, follow the partition)
+        for seed in seeds:
             central = centralized(flat | {"train.seed": seed}, f"{name} privacy {privacy}")
             cells.append(
                 {"set": name, "how": "centralized", "privacy": privacy, "partition": "pooled",
@@ -146,7 +148,8 @@ def main() -> None:
         seeds = [int(s) for s in a.seeds.split(",")]
     except ValueError:
         raise SystemExit(f"--seeds takes comma-separated integers, not {a.seeds!r}") from None
-    if any(x == "--seed" or x.startswith(("--seed=", "train.seed=")) for x in extra):
+    seeded = ("--seed=", "train.seed=", "--set=train.seed=")
+    if any(x == "--seed" or x.startswith(seeded) for x in extra):
         # each run gets its own --seed after the flags passed through, which would win
         raise SystemExit("the sets benchmark seeds each run itself: give --seeds 0,1,2, not --seed")
     privacies = a.privacy.split(",")

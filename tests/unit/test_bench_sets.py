@@ -93,7 +93,9 @@ def test_privacy_slices_and_simulate_flags_pass_through(monkeypatch: pytest.Monk
         sets.main()
 
 
-@pytest.mark.parametrize("given", [["--seed", "3"], ["--seed=3"], ["--set", "train.seed=3"]])
+@pytest.mark.parametrize(
+    "given", [["--seed", "3"], ["--seed=3"], ["--set", "train.seed=3"], ["--set=train.seed=3"]]
+)
 def test_a_seed_passed_through_is_refused(
     given: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
