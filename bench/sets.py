@@ -40,6 +40,8 @@ from common import (
     status,
 )
 
+from fedhaven.config import keys
+
 NAME = "sets"
 PARTITIONS = ("iid", "dirichlet:0.5")
 #: What names a cell: one measured again (another slice, the same seed) replaces it.
@@ -78,7 +80,7 @@ def measure(
         # pooled: the last partition's sites' training rows (which rows each site holds out
         # for validation, and their order, follow the partition)
         for seed in seeds:
-            central = centralized(flat | {"train.seed": seed}, f"{name} privacy {privacy}")
+            central = centralized(flat | {keys.TRAIN_SEED: seed}, f"{name} privacy {privacy}")
             cells.append(
                 {"set": name, "how": "centralized", "privacy": privacy, "partition": "pooled",
                  "seed": seed, "wall_s": central["wall_s"], **_scores(central["evaluation"])}
@@ -148,7 +150,7 @@ def main() -> None:
         seeds = [int(s) for s in a.seeds.split(",")]
     except ValueError:
         raise SystemExit(f"--seeds takes comma-separated integers, not {a.seeds!r}") from None
-    seeded = ("--seed=", "train.seed=", "--set=train.seed=")
+    seeded = ("--seed=", f"{keys.TRAIN_SEED}=", f"--set={keys.TRAIN_SEED}=")
     if any(x == "--seed" or x.startswith(seeded) for x in extra):
         # each run gets its own --seed after the flags passed through, which would win
         raise SystemExit("the sets benchmark seeds each run itself: give --seeds 0,1,2, not --seed")
