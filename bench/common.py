@@ -244,7 +244,8 @@ def local_rounds(
     (``training.train_round``, its accountant and label prior carried over from its last
     round), its adapter goes back as the site's reply (``protocol.train_reply``) and the
     coordinator's FedAvg (``fedhaven.strategies.FedAvg.aggregate_train``: replies validated,
-    averaged by examples) makes the new global adapter, which is evaluated on the held-out
+    averaged by examples, with ``federation.server-momentum``; ``pooled``: none, since one
+    site's training is plain training) makes the new global adapter, evaluated on the held-out
     set and on every site's validation split. One site after another, torch on every core.
 
     ``evaluate_every_round=False`` evaluates the held-out set after the last round only;
@@ -258,11 +259,12 @@ def local_rounds(
     from fedhaven.training import evaluate, train_round
 
     _coordinator_identity()
-    strategy = FedAvg()
+    strategy = FedAvg(server_momentum=0.0 if pooled else cfg.federation.server_momentum)
     timings = Timings()
     t = time.perf_counter()
     sites, test = demo_data(cfg, pooled=pooled)
     global_state = adapter_state(build_model(cfg, device))
+    strategy.current_arrays = protocol.to_record(global_state)  # what momentum steps from
     accountants: list[dict[str, Any] | None] = [None] * len(sites)
     priors: list[list[float] | None] = [None] * len(sites)
     ev: dict[str, Any] = {}

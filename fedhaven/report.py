@@ -412,6 +412,11 @@ def model_card(summary: dict[str, Any]) -> str:
         "image-cls": f"image classification into {', '.join(labels or [])}",
         "causal-lm": "instruction tuning of a causal LM (loss on the response tokens)",
     }[task]
+    strategy = cfg.get(keys.FEDERATION_STRATEGY, "fedavg")
+    rule = f"`{strategy}`"
+    momentum = cfg.get(keys.FEDERATION_SERVER_MOMENTUM)  # absent in older runs' configs
+    if strategy == "fedavg" and momentum:  # the other rules ignore it
+        rule += f" with server momentum {momentum}"
     names = {node: f"site {i}" for i, node in enumerate(sorted(sites, key=int), start=1)}
     lines = [
         "# Model card",
@@ -424,7 +429,7 @@ def model_card(summary: dict[str, Any]) -> str:
         f"- Adapter: LoRA r={cfg['lora.r']}, alpha={cfg['lora.alpha']}, dropout "
         f"{cfg['lora.dropout']}, on `{cfg['lora.target-modules']}` of layers "
         f"`{cfg['lora.layers'] or 'all'}`; trained in full: `{cfg['lora.modules-to-save']}`.",
-        f"- Training: federated, strategy `{cfg.get('federation.strategy', 'fedavg')}`, "
+        f"- Training: federated, strategy {rule}, "
         f"{summary[ROUNDS]} rounds (best round: {summary.get(BEST_ROUND, summary[ROUNDS])}"
         f"), {len(sites)} sites, {summary.get(ENGINE, '?')}.",
         "",

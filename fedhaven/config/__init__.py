@@ -141,6 +141,13 @@ class Config:
             "'off'",
         )
         _require(
+            fed.server_momentum == 0,
+            keys.FEDERATION_SERVER_MOMENTUM,
+            fed.server_momentum,
+            f"privacy.central = {central!r} noises each round's mean; momentum kept over the "
+            "noiseless mean would leak past that noise: set it to 0",
+        )
+        _require(
             fed.update_norm_bound == 0,
             keys.FEDERATION_UPDATE_NORM_BOUND,
             fed.update_norm_bound,

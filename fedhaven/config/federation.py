@@ -60,6 +60,13 @@ class FederationConfig:
     # train.lora-learning-rate (1e-3) each, i.e. ~1e-2. Flower's FedAdam default (0.1) would
     # move every LoRA weight 10-100× further than the sites themselves did.
     server_learning_rate: float = 0.01
+    # fedavg: heavy-ball momentum β of the server step (Flower's FedAvgM, Hsu et al. 2019):
+    # the global adapter moves by the sites' mean update plus β times its last move. Sites
+    # whose updates disagree average to a shorter step than pooled training takes; the
+    # momentum carries the direction they share across rounds. It helps small non-IID sites
+    # and costs sites that take many local steps (BENCHMARKS.md, every text set), so it is
+    # off by default. 0: plain FedAvg.
+    server_momentum: float = 0.0
     # trimmedavg: the fraction of updates cut at each end, per coordinate, before averaging.
     trim_beta: float = 0.2
     # krum: the number of hostile sites f to tolerate (Krum is sound for sites > 2f + 2).
@@ -175,6 +182,12 @@ class FederationConfig:
             "federation.server-learning-rate",
             self.server_learning_rate,
             "must be > 0",
+        )
+        _require(
+            0.0 <= self.server_momentum < 1.0,
+            keys.FEDERATION_SERVER_MOMENTUM,
+            self.server_momentum,
+            "must be >= 0 and < 1 (0 means: plain FedAvg)",
         )
         _require(
             0.0 <= self.trim_beta < 0.5,

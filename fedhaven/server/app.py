@@ -63,6 +63,7 @@ def build_strategy(cfg: Config) -> Validated:
     central = cfg.privacy.central != "off"
     knobs: dict[str, dict[str, Any]] = {
         "fedprox": {"proximal_mu": fed.proximal_mu},
+        "fedavg": {"server_momentum": fed.server_momentum},
         "fedadam": {"eta": fed.server_learning_rate},
         "fedyogi": {"eta": fed.server_learning_rate},
         "trimmedavg": {"beta": fed.trim_beta},

@@ -197,7 +197,7 @@ def test_central_dp_accountant_and_clipping_bound_survive_a_checkpoint(
 
 
 def test_a_stateless_rule_refuses_state_it_does_not_have() -> None:
-    strategy = build_strategy(Config())
+    strategy = build_strategy(Config().replace(**{"federation.strategy": "fedmedian"}))
     assert strategy.state_dict() == {}
     strategy.load_state_dict({})
     with pytest.raises(ValueError, match="keeps no state"):
@@ -330,14 +330,17 @@ def _rounds(out: Path) -> list[int]:
     return [json.loads(line)["round"] for line in (out / METRICS_FILE).read_text().splitlines()]
 
 
+@pytest.mark.parametrize("strategy", ["fedadam", "fedavg"])
 def test_a_run_resumed_after_a_crash_ends_where_the_uninterrupted_run_ends(
-    tmp_path: Path, tiny_flat: dict[str, object]
+    tmp_path: Path, tiny_flat: dict[str, object], strategy: str
 ) -> None:
-    # FedAdam (its moments must come back) and no DP (the run is then deterministic)
+    # FedAdam's moments and FedAvg's server momentum must come back; no DP (the run is then
+    # deterministic)
     flat = {
         **tiny_flat,
         "privacy.enabled": False,
-        "federation.strategy": "fedadam",
+        "federation.strategy": strategy,
+        "federation.server-momentum": 0.5,
         "federation.server-learning-rate": 0.05,
         "federation.rounds": 3,
         "federation.round-timeout": 42.0,

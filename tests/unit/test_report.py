@@ -161,6 +161,17 @@ def test_model_card_says_where_the_head_started(run_dir: Path) -> None:
     assert "'A {} review.')" in card
 
 
+def test_model_card_names_the_rule_and_its_server_momentum(run_dir: Path) -> None:
+    assert "strategy `fedavg`, " in _model_card(run_dir)
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    summary["config"] |= {"federation.server-momentum": 0.5}
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary))
+    assert "strategy `fedavg` with server momentum 0.5, " in _model_card(run_dir)
+    summary["config"] |= {"federation.strategy": "fedprox"}  # which ignores the momentum
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary))
+    assert "strategy `fedprox`, " in _model_card(run_dir)
+
+
 def test_model_card_shows_the_sites_data_checks(run_dir: Path) -> None:
     assert "rows in file" not in _model_card(run_dir)  # no site checked its own file
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())

@@ -68,6 +68,7 @@ def test_build_strategy_builds_flowers_rule_with_the_mixin(name: str) -> None:
         **{
             "federation.proximal-mu": 0.05,
             "federation.server-learning-rate": 0.02,
+            "federation.server-momentum": 0.7,
             "federation.trim-beta": 0.3,
             "federation.krum-byzantine": 2,
             "federation.update-norm-bound": 2.5,
@@ -82,6 +83,7 @@ def test_build_strategy_builds_flowers_rule_with_the_mixin(name: str) -> None:
     assert strategy.min_train_nodes == strategy.min_available_nodes == 3
     assert strategy.arrayrecord_key == protocol.ARRAYS
     knob = {
+        "fedavg": ("server_momentum", 0.7),
         "fedprox": ("proximal_mu", 0.05),
         "fedadam": ("eta", 0.02),
         "fedyogi": ("eta", 0.02),
@@ -233,6 +235,52 @@ def test_server_optimizer_state_round_trips(cls: type[FedAdam] | type[FedYogi]) 
     assert not np.allclose(fresh, second)
 
 
+# --- FedAvg's server momentum ----------------------------------------------------------
+
+
+def _momentum_round(strategy: Validated, server_round: int, sent: np.ndarray, moves: list[float]):
+    """One round of two equal sites that move every weight by ``moves``; the new weights."""
+    _configure(strategy, {LORA_KEY: sent}, [1, 2])
+    replies = [_site(n, {LORA_KEY: sent + move}) for n, move in zip((1, 2), moves, strict=True)]
+    return _aggregate(strategy, server_round, replies)[LORA_KEY]
+
+
+def test_fedavg_momentum_adds_beta_times_the_last_move() -> None:
+    beta = 0.5
+    strategy = build_strategy(_cfg("fedavg", sites=2, **{"federation.server-momentum": beta}))
+    w0 = np.zeros(3, np.float32)
+    w1 = _momentum_round(strategy, 1, w0, [0.2, 0.4])  # mean move 0.3; no earlier move
+    np.testing.assert_allclose(w1, w0 + 0.3, rtol=1e-6)
+    w2 = _momentum_round(strategy, 2, w1, [0.0, 0.2])  # mean move 0.1, plus β · 0.3
+    np.testing.assert_allclose(w2, w1 + 0.1 + beta * 0.3, rtol=1e-6)
+    assert w2.dtype == np.float32  # not float64: 2× bytes to every site
+    plain = build_strategy(_cfg("fedavg", sites=2, **{"federation.server-momentum": 0.0}))
+    _momentum_round(plain, 1, w0, [0.2, 0.4])
+    np.testing.assert_allclose(_momentum_round(plain, 2, w1, [0.0, 0.2]), w1 + 0.1, rtol=1e-6)
+
+
+def test_fedavg_momentum_round_trips_through_its_state() -> None:
+    def strategy() -> Validated:
+        return build_strategy(_cfg("fedavg", sites=2, **{"federation.server-momentum": 0.5}))
+
+    first = strategy()
+    assert first.state_dict() == {"momentum": None}
+    w1 = _momentum_round(first, 1, np.zeros(3, np.float32), [0.2, 0.4])
+    state = first.state_dict()
+    resumed = strategy()
+    resumed.load_state_dict(state)
+    state["momentum"][0][:] = 99.0  # the strategy keeps its own copy
+    second = _momentum_round(first, 2, w1, [0.0, 0.2])
+    np.testing.assert_array_equal(_momentum_round(resumed, 2, w1, [0.0, 0.2]), second)
+    # without the momentum, round 2 would have gone elsewhere
+    assert not np.allclose(_momentum_round(strategy(), 2, w1, [0.0, 0.2]), second)
+
+
+def test_central_dp_with_server_momentum_is_refused() -> None:
+    with pytest.raises(FedhavenError, match=r"'federation\.server-momentum'.*privacy\.central"):
+        _cfg("fedavg", **{"privacy.central": "server-fixed", "federation.server-momentum": 0.5})
+
+
 # --- FedProx ----------------------------------------------------------------------------
 
 
@@ -263,6 +311,8 @@ def test_fedprox_works_under_central_dp() -> None:
         ("federation.strategy", "fedsgd"),
         ("federation.proximal-mu", -0.1),
         ("federation.server-learning-rate", 0.0),
+        ("federation.server-momentum", -0.1),
+        ("federation.server-momentum", 1.0),
         ("federation.trim-beta", 0.5),
         ("federation.trim-beta", -0.1),
         ("federation.krum-byzantine", -1),
