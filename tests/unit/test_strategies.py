@@ -22,7 +22,7 @@ from fedhaven.strategies.norm_bound import bound_update
 pytestmark = pytest.mark.usefixtures("flower_identity")
 
 FLOWER = {
-    "fedavg": flower.FedAvg,
+    "fedavg": flower.FedAvgM,  # Flower's FedAvg when federation.server-momentum is 0
     "ffa": flower.FedAvg,  # FFA-LoRA: FedAvg of B, with A frozen at the sites
     "fedprox": flower.FedProx,
     "fedadam": flower.FedAdam,
