@@ -15,6 +15,7 @@ Every script runs alone (``python bench/demo.py``) and prints its table. Under t
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import json
 import os
@@ -256,10 +257,13 @@ def local_rounds(
     from fedhaven import protocol
     from fedhaven.models import adapter_state, build_model, set_adapter_state
     from fedhaven.strategies import FedAvg
-    from fedhaven.training import evaluate, train_round
+    from fedhaven.training import evaluate, lr_factor, train_round
 
     _coordinator_identity()
-    strategy = FedAvg(server_momentum=0.0 if pooled else cfg.federation.server_momentum)
+    strategy = FedAvg(
+        server_momentum=0.0 if pooled else cfg.federation.server_momentum,
+        lr_factor=functools.partial(lr_factor, cfg=cfg),
+    )
     timings = Timings()
     t = time.perf_counter()
     sites, test = demo_data(cfg, pooled=pooled)

@@ -7,6 +7,7 @@ at the end the run directory (:mod:`fedhaven.run_record`): ``adapter/`` (PEFT fo
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -49,7 +50,7 @@ from fedhaven.server.checkpoint import Resumed, RunState, drop_checkpoint, resum
 from fedhaven.strategies import STRATEGIES, Validated, central_dp
 from fedhaven.strategies.secagg import SecureAggregationGrid
 from fedhaven.tasks import get_task
-from fedhaven.training import default_device, evaluate
+from fedhaven.training import default_device, evaluate, lr_factor
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,10 @@ def build_strategy(cfg: Config) -> Validated:
     central = cfg.privacy.central != "off"
     knobs: dict[str, dict[str, Any]] = {
         "fedprox": {"proximal_mu": fed.proximal_mu},
-        "fedavg": {"server_momentum": fed.server_momentum},
+        "fedavg": {
+            "server_momentum": fed.server_momentum,
+            "lr_factor": functools.partial(lr_factor, cfg=cfg),
+        },
         "fedadam": {"eta": fed.server_learning_rate},
         "fedyogi": {"eta": fed.server_learning_rate},
         "trimmedavg": {"beta": fed.trim_beta},

@@ -245,23 +245,38 @@ def _momentum_round(strategy: Validated, server_round: int, sent: np.ndarray, mo
     return _aggregate(strategy, server_round, replies)[LORA_KEY]
 
 
+def _momentum_cfg(beta: float, **flat: object) -> Config:
+    return _cfg("fedavg", sites=2, **{"federation.server-momentum": beta, **flat})
+
+
 def test_fedavg_momentum_adds_beta_times_the_last_move() -> None:
     beta = 0.5
-    strategy = build_strategy(_cfg("fedavg", sites=2, **{"federation.server-momentum": beta}))
+    strategy = build_strategy(_momentum_cfg(beta, **{"train.schedule": "constant"}))
     w0 = np.zeros(3, np.float32)
     w1 = _momentum_round(strategy, 1, w0, [0.2, 0.4])  # mean move 0.3; no earlier move
     np.testing.assert_allclose(w1, w0 + 0.3, rtol=1e-6)
     w2 = _momentum_round(strategy, 2, w1, [0.0, 0.2])  # mean move 0.1, plus β · 0.3
     np.testing.assert_allclose(w2, w1 + 0.1 + beta * 0.3, rtol=1e-6)
     assert w2.dtype == np.float32  # not float64: 2× bytes to every site
-    plain = build_strategy(_cfg("fedavg", sites=2, **{"federation.server-momentum": 0.0}))
+    plain = build_strategy(_momentum_cfg(0.0))
     _momentum_round(plain, 1, w0, [0.2, 0.4])
     np.testing.assert_allclose(_momentum_round(plain, 2, w1, [0.0, 0.2]), w1 + 0.1, rtol=1e-6)
 
 
+def test_fedavg_momentum_follows_the_sites_learning_rate_schedule() -> None:
+    # 4 rounds of linear decay: the sites' rates are 1, 3/4, 1/2 and 1/4 of the configured
+    # one, so round t's β is 0.5 · (rate t / rate t-1): 0.375 in round 2, 1/3 in round 3
+    strategy = build_strategy(_momentum_cfg(0.5, **{"federation.rounds": 4}))
+    w1 = _momentum_round(strategy, 1, np.zeros(3, np.float32), [0.2, 0.4])  # moves 0.3
+    w2 = _momentum_round(strategy, 2, w1, [0.0, 0.2])
+    np.testing.assert_allclose(w2 - w1, 0.1 + 0.375 * 0.3, rtol=1e-5)
+    w3 = _momentum_round(strategy, 3, w2, [0.1, 0.1])
+    np.testing.assert_allclose(w3 - w2, 0.1 + (0.1 + 0.375 * 0.3) / 3, rtol=1e-5)
+
+
 def test_fedavg_momentum_round_trips_through_its_state() -> None:
     def strategy() -> Validated:
-        return build_strategy(_cfg("fedavg", sites=2, **{"federation.server-momentum": 0.5}))
+        return build_strategy(_momentum_cfg(0.5))
 
     first = strategy()
     assert first.state_dict() == {"momentum": None}
