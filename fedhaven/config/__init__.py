@@ -231,6 +231,10 @@ def from_flat(flat: Mapping[str, Any]) -> Config:
     enabled = flat.get(keys.PRIVACY_ENABLED, PrivacyConfig.enabled)
     private = _coerce(keys.PRIVACY_ENABLED, enabled, bool)
     auto = {k: recipe(k, bool(private)) for k in RECIPE if flat.get(k, AUTO) == AUTO}
+    central = flat.get(keys.PRIVACY_CENTRAL, PrivacyConfig.central) != "off"
+    if central and keys.FEDERATION_SERVER_MOMENTUM in auto:
+        # central DP noises the plain mean: no momentum unless asked for (then refused)
+        auto[keys.FEDERATION_SERVER_MOMENTUM] = recipe(keys.FEDERATION_SERVER_MOMENTUM, True)
     for key, value in {**flat, **auto}.items():
         sec_name, name, typ = types[key]
         sections[sec_name][name] = _coerce(key, value, typ)

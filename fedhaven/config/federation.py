@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedhaven.config import keys
-from fedhaven.config.sections import _require
+from fedhaven.config.sections import _require, recipe
 
 #: federation.strategy choices: the aggregation rule (fedhaven.strategies, one file each).
 STRATEGIES = (
@@ -61,12 +61,12 @@ class FederationConfig:
     # move every LoRA weight 10-100× further than the sites themselves did.
     server_learning_rate: float = 0.01
     # fedavg: heavy-ball momentum β of the server step (Flower's FedAvgM, Hsu et al. 2019):
-    # the global adapter moves by the sites' mean update plus β times its last move. Sites
-    # whose updates disagree average to a shorter step than pooled training takes; the
-    # momentum carries the direction they share across rounds. Without DP, β = 0.5 closed
-    # the drug reviews' Dirichlet(0.5) gap and cost 20 Newsgroups 2-3 points (BENCHMARKS.md,
-    # every text set): off by default. 0: plain FedAvg.
-    server_momentum: float = 0.0
+    # the global adapter moves by the sites' mean update plus β times its last move, β
+    # scaled each round with the sites' learning-rate schedule. Sites whose updates disagree
+    # average to a shorter step than pooled training takes; the momentum carries the
+    # direction they share across rounds. "auto" (RECIPE): 0.5 without DP, 0 (plain FedAvg)
+    # with it. Defaults to its DP value, as the recipe's train.* settings do.
+    server_momentum: float = recipe(keys.FEDERATION_SERVER_MOMENTUM, True)
     # trimmedavg: the fraction of updates cut at each end, per coordinate, before averaging.
     trim_beta: float = 0.2
     # krum: the number of hostile sites f to tolerate (Krum is sound for sites > 2f + 2).

@@ -263,6 +263,20 @@ def test_the_recipe_follows_privacy_unless_given() -> None:
     assert again.train.learning_rate == 0.03 and again.train.batch_size == 256
 
 
+def test_server_momentum_is_on_without_dp_and_off_under_any_dp() -> None:
+    def momentum(**flat: object) -> float:
+        return from_flat(flat).federation.server_momentum
+
+    assert momentum() == 0.0  # the sites' noise would ride along
+    assert momentum(**{"privacy.enabled": False}) == 0.5
+    # central DP noises the plain mean, so "auto" is off there; a value given is refused
+    central = {"privacy.enabled": False, "privacy.central": "server-fixed"}
+    assert momentum(**central) == 0.0
+    with pytest.raises(FedhavenError, match=r"'federation\.server-momentum' = 0\.5"):
+        from_flat({**central, "federation.server-momentum": 0.5})
+    assert momentum(**{"privacy.enabled": False, "federation.server-momentum": 0.2}) == 0.2
+
+
 def test_no_dp_preset_is_a_valid_config_without_privacy() -> None:
     preset = Path(__file__).resolve().parents[2] / "presets" / "no-dp.toml"
     cfg = from_flat(load_toml(preset))
