@@ -7,9 +7,9 @@ Every script runs alone (``python bench/demo.py``) and prints its table. Under t
 - :data:`RESULTS_ENV`: a folder; each script writes ``<name>.json`` there (its table, its
   notes and the numbers the suite's report needs).
 - :data:`RUNS_ENV`: a folder of simulate runs shared by the scripts. A run with the same
-  arguments is made once: the demo, privacy-audit, federation-overhead and utility tables
-  then show the very same runs (DP runs differ from run to run on purpose), and the suite
-  spends its half hour once on each.
+  arguments and the same code (:func:`code_digest`) is made once: the demo, privacy-audit,
+  federation-overhead and utility tables then show the very same runs (DP runs differ from
+  run to run on purpose), and the suite spends its half hour once on each.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+ROOT = Path(__file__).resolve().parents[1]
 #: The no-DP preset (`fedhaven simulate --config presets/no-dp.toml`).
-PRESET = str(Path(__file__).resolve().parents[1] / "presets" / "no-dp.toml")
+PRESET = str(ROOT / "presets" / "no-dp.toml")
 RESULTS_ENV = "FEDHAVEN_BENCH_RESULTS"
 RUNS_ENV = "FEDHAVEN_BENCH_RUNS"
 #: Lines on stderr that start with this are progress: the suite shows the latest one.
@@ -108,6 +109,23 @@ class Run:
 _own_root: Path | None = None
 
 
+@functools.cache
+def code_digest() -> str:
+    """A digest of what a run depends on besides its arguments: fedhaven's sources and the
+    run-config defaults in pyproject.toml. A run of other code is not reused: a recipe's new
+    default reads the same arguments."""
+    h = hashlib.sha256()
+    for path in [*sorted((ROOT / "fedhaven").rglob("*.py")), ROOT / "pyproject.toml"]:
+        h.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def run_key(args: Sequence[str], draw: int = 1) -> str:
+    """The shared run's folder name: its arguments (and draw) under this code."""
+    named = list(args) if draw == 1 else [*args, f"draw {draw}"]
+    return hashlib.sha256(json.dumps([code_digest(), *named]).encode()).hexdigest()[:16]
+
+
 def runs_root() -> Path:
     global _own_root
     folder = os.environ.get(RUNS_ENV)
@@ -127,9 +145,7 @@ def simulate(label: str, args: Sequence[str], *, draw: int = 1) -> Run:
     (``label: round 3, 41 s``).
     """
     args = list(args)
-    named = args if draw == 1 else [*args, f"draw {draw}"]
-    key = hashlib.sha256(json.dumps(named).encode()).hexdigest()[:16]
-    out = runs_root() / key
+    out = runs_root() / run_key(args, draw)
     meta = out / RUN_META
     from fedhaven.run_record import SUMMARY_FILE
 
