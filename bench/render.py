@@ -196,7 +196,7 @@ def _no_dp_recipe() -> str:
     return (
         f"minibatches of {v[keys.TRAIN_BATCH_SIZE]:g}, {v[keys.TRAIN_LOCAL_EPOCHS]:g} local "
         f"epochs and rates {v[keys.TRAIN_LEARNING_RATE]:g} / {v[keys.TRAIN_LORA_LEARNING_RATE]:g}"
-        " (head / LoRA)"
+        f" (head / LoRA), and FedAvg with server momentum {v[keys.FEDERATION_SERVER_MOMENTUM]:g}"
     )
 
 
