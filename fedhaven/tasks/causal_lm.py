@@ -293,6 +293,9 @@ class CausalLM(Task):
         the first answer token is predicted from the last prompt token). Rows without a
         response (prediction) are the prompt alone, all ``IGNORE``.
         """
+        if len(ds) == 0:  # a Dirichlet draw can leave a site no validation rows
+            empty = torch.zeros(0, fit_length([], self.cfg.model.max_length), dtype=torch.long)
+            return TensorDataset(empty, empty, empty)
         tok = self.processor()
         prompts = self.prompt_ids(list(ds[PROMPT]))
         if RESPONSE in ds.column_names:

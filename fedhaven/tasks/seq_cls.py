@@ -238,6 +238,9 @@ class SeqCls(ClassificationTask):
         Fixed padding keeps Opacus's Poisson loader simple (empty batches have a known shape).
         The length is ``model.max-length``, or with 0 one that fits these rows (``fit_length``).
         """
+        if len(ds) == 0:  # a Dirichlet draw can leave a site no validation rows
+            empty = torch.zeros(0, fit_length([], self.cfg.model.max_length), dtype=torch.long)
+            return TensorDataset(empty, empty, torch.zeros(0, dtype=torch.long))
         tok, texts = self.processor(), list(ds[fdata.TEXT])
         length = self.cfg.model.max_length
         if not length:

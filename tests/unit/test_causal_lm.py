@@ -488,3 +488,9 @@ def test_cli_models_prepare_smollm2_prints_the_path(
     result = CliRunner().invoke(app, ["models", "prepare", "smollm2"])
     assert result.exit_code == 0, result.output
     assert result.output.strip() == str(tmp_path / "smollm2")
+
+
+def test_an_empty_split_encodes_to_an_empty_set(llama_dir: Path, csv: Path) -> None:
+    # a Dirichlet draw can leave a site no validation rows: its evaluation has 0 examples
+    task = get_task(make_cfg(llama_dir, csv))
+    assert len(task.encode(task.load(str(csv)).select([]))) == 0

@@ -387,3 +387,13 @@ def test_probe_rounds_need_a_head(tiny_cfg: Config, train_data: TensorDataset) -
         train_round(model, train_data, cfg)
     assert all(p.requires_grad for n, p in model.named_parameters() if is_lora(n))
     assert all(torch.equal(adapter_state(model)[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("max_length", [0, 16])  # 0: fitted to the rows, of which there are none
+def test_an_empty_split_encodes_to_an_empty_set(tiny_flat: dict[str, object], max_length: int):
+    # a Dirichlet draw can leave a site no validation rows: its evaluation reports 0 examples
+    cfg = from_flat({**tiny_flat, "model.max-length": max_length})
+    task = get_task(cfg)
+    empty = task.encode(task.load(cfg.data.path).select([]))
+    assert len(empty) == 0
+    assert evaluate(build_model(cfg), empty, cfg) == {"num_examples": 0}
