@@ -36,11 +36,13 @@ def test_the_code_digest_reads_fedhaven_and_the_run_config_defaults(
         common.code_digest.cache_clear()
         return common.code_digest()
 
-    first = digest()
-    assert digest() == first
-    source.write_text("RATE = 0.01\n")
-    assert digest() != first
-    source.write_text("RATE = 0.03\n")
-    (tmp_path / "pyproject.toml").write_text('"federation.server-momentum" = 0.0\n')
-    assert digest() != first
-    common.code_digest.cache_clear()  # the real tree's digest for later tests
+    try:
+        first = digest()
+        assert digest() == first
+        source.write_text("RATE = 0.01\n")
+        assert digest() != first
+        source.write_text("RATE = 0.03\n")
+        (tmp_path / "pyproject.toml").write_text('"federation.server-momentum" = 0.0\n')
+        assert digest() != first
+    finally:
+        common.code_digest.cache_clear()  # not this folder's digest for later callers

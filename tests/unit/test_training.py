@@ -390,7 +390,9 @@ def test_probe_rounds_need_a_head(tiny_cfg: Config, train_data: TensorDataset) -
 
 
 @pytest.mark.parametrize("max_length", [0, 16])  # 0: fitted to the rows, of which there are none
-def test_an_empty_split_encodes_to_an_empty_set(tiny_flat: dict[str, object], max_length: int):
+def test_an_empty_split_encodes_to_an_empty_set(
+    tiny_flat: dict[str, object], max_length: int
+) -> None:
     # a Dirichlet draw can leave a site no validation rows: its evaluation reports 0 examples
     cfg = from_flat({**tiny_flat, "model.max-length": max_length})
     task = get_task(cfg)
