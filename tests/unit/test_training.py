@@ -14,10 +14,10 @@ from sklearn.metrics import accuracy_score, f1_score
 from torch.utils.data import TensorDataset
 
 from fedhaven import training
-from fedhaven.config import Config, from_flat
+from fedhaven.config import Config, PrivacyConfig, from_flat
 from fedhaven.errors import FedhavenError
 from fedhaven.models import adapter_state, build_model, is_lora, set_adapter_state
-from fedhaven.privacy import sample_rate
+from fedhaven.privacy import noise_for_budget, sample_rate
 from fedhaven.tasks import get_task
 from fedhaven.training import evaluate, lr_factor, steps_per_round, train_round
 
@@ -191,6 +191,17 @@ def test_epsilon_accumulates_across_rounds(tiny_cfg: Config, train_data: TensorD
     # σ was chosen so that the histogram and the planned rounds (2) spend the target ε
     assert r2.epsilon <= cfg.privacy.epsilon
     assert r2.epsilon == pytest.approx(cfg.privacy.epsilon, rel=0.02)
+
+
+def test_the_default_label_histogram_costs_the_training_steps_about_5_percent_of_noise() -> None:
+    # The demo's plan under DP: 5 rounds of one full-batch step. The histogram's share of the
+    # budget is paid in the training steps' σ; a noisier histogram costs less.
+    cfg = PrivacyConfig()
+    alone = noise_for_budget(cfg, 1.0, 5)
+    default = noise_for_budget(cfg, 1.0, 5, ((cfg.prior_noise, 1.0, 1),))
+    noisier = noise_for_budget(cfg, 1.0, 5, ((4 * cfg.prior_noise, 1.0, 1),))
+    assert alone < noisier < default <= 1.06 * alone
+    assert default > 1.03 * alone  # not free: a histogram of σ = 2 is a real release
 
 
 def test_without_logit_adjustment_no_histogram_is_released(
