@@ -289,8 +289,7 @@ def communication(r: Results, record: dict[str, Any]) -> dict[str, Any]:
 
 def privacy_audit(r: Results, record: dict[str, Any]) -> dict[str, Any]:
     d = r["privacy_audit"]
-    runs = {x["name"]: x for x in d["runs"]}
-    dp8, nodp = runs["DP ε=8"], runs["no DP"]
+    dp8 = next(x for x in d["runs"] if x["name"] == "DP ε=8")
     chance = [x for x in d["runs"] if x["ci_low"] <= 0.5 <= x["ci_high"]]
     if len(chance) == len(d["runs"]):
         sentence = (
@@ -300,11 +299,6 @@ def privacy_audit(r: Results, record: dict[str, Any]) -> dict[str, Any]:
     else:
         beaten = [x["name"] for x in d["runs"] if x not in chance]
         sentence = f"the attack does better than chance on {', '.join(beaten)}."
-    accuracy = (
-        ", hence its lower accuracy."
-        if nodp["accuracy"] < dp8["accuracy"]
-        else f": its accuracy ({f3(nodp['accuracy'])}) is not the lower one in this run."
-    )
     half = statistics.mean((x["ci_high"] - x["ci_low"]) / 2 for x in d["runs"])
     return {
         "bootstrap": d["runs"][0]["bootstrap"],
@@ -316,7 +310,6 @@ def privacy_audit(r: Results, record: dict[str, Any]) -> dict[str, Any]:
         "half_width": f"{half:.2f}",
         "contain_half": _count(len(chance), len(d["runs"])),
         "interval_sentence": sentence,
-        "nodp_accuracy_sentence": accuracy,
         "simulate_times": " / ".join(f"{x['simulate_s']:.0f}" for x in d["runs"]),
         "audit_times": " / ".join(f"{x['audit_s']:.0f}" for x in d["runs"]),
     }

@@ -110,7 +110,6 @@ def test_the_audit_says_whether_the_attack_beats_chance() -> None:
     assert chance["contain_half"] == "all three"
     assert "does not distinguish the runs" in chance["interval_sentence"]
     assert chance["goal_status"] == "met"  # ε=8: AUC 0.535
-    assert chance["nodp_accuracy_sentence"] == ", hence its lower accuracy."
 
     beaten = render.privacy_audit(_audit([(0.55, 0.70), (0.50, 0.64), (0.47, 0.61)]), {})
     assert beaten["contain_half"] == "two of the three"
