@@ -298,6 +298,8 @@ class PrivacyConfig:
             self.central,
             f"use one of {', '.join(CENTRAL_DP)}",
         )
+        # 0 would release the exact label counts; a negative σ is a typo (noise is symmetric)
+        _require(self.prior_noise > 0, "privacy.prior-noise", self.prior_noise, "must be > 0")
         _require(self.central_noise > 0, "privacy.central-noise", self.central_noise, "must be > 0")
         _require(self.central_clip > 0, "privacy.central-clip", self.central_clip, "must be > 0")
 
