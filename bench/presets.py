@@ -4,7 +4,8 @@ instructions) and `--preset digits` (a small ResNet on images).
 Per preset: the federated run with DP (its command's wall time is the preset's goal: under
 10 minutes on a 2-core CPU box); then the same rows pooled in one place and trained centrally
 through the same `training.train_round`, for the same rounds and steps, with and without DP
-(bench/common.py: `centralized`). Throughput is training examples
+(bench/common.py: `centralized`; without DP the recipe's settings the preset leaves "auto"
+take their no-DP values). Throughput is training examples
 per second in the centralized runs' training phase (one process, the same loop, the same
 model), so DP / no DP is the price of per-example clipping and noise on that model. The
 metric is the task's first: token-F1 of greedy answers (instruct), macro-F1 (digits).
@@ -19,11 +20,19 @@ from typing import Any
 
 from common import centralized, md_table, report, simulate
 
-from fedhaven.config import from_flat
+from fedhaven.config import AUTO, RECIPE, from_flat, keys
 from fedhaven.presets import PRESETS
 from fedhaven.tasks import get_task
 
 NAMES = {"token_f1": "token-F1", "macro_f1": "macro-F1"}
+
+
+def without_dp(flat: dict[str, Any], preset: dict[str, Any]) -> dict[str, Any]:
+    """The run's config without DP: the recipe's settings the preset leaves to the recipe
+    take their values without DP, as `--no-dp` would give them (the run's config holds the
+    values with DP)."""
+    auto = {k: AUTO for k in RECIPE if k not in preset}
+    return {**flat, keys.PRIVACY_ENABLED: False, **auto}
 
 
 def main() -> None:
@@ -40,7 +49,7 @@ def main() -> None:
         metric = get_task(cfg).primary_metric
         central = {
             "DP": centralized(flat, f"{name}, DP"),
-            "no DP": centralized({**flat, "privacy.enabled": False}, f"{name}, no DP"),
+            "no DP": centralized(without_dp(flat, PRESETS[name]), f"{name}, no DP"),
         }
         speed = {dp: c["samples"] / c["train_s"] for dp, c in central.items()}
         entry: dict[str, Any] = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedhaven.config import from_flat
+from fedhaven.config import RECIPE, from_flat, recipe
 from fedhaven.errors import FedhavenError
 from fedhaven.presets import PRESETS, preset
 from fedhaven.tasks import get_task
@@ -26,6 +26,14 @@ def test_instruct_partitions_rows_not_labels() -> None:
 
 def test_digits_labels_are_the_ten_digits() -> None:
     assert from_flat(preset("digits")).data.label_names == [str(d) for d in range(10)]
+
+
+@pytest.mark.parametrize("private", [True, False])
+def test_digits_trains_with_the_recipe_with_and_without_dp(private: bool) -> None:
+    # its own rates and steps were tuned to DP and diverged without it
+    flat = {**preset("digits"), "privacy.enabled": private}
+    train = from_flat(flat).to_flat()
+    assert {k: train[k] for k in RECIPE} == {k: recipe(k, private) for k in RECIPE}
 
 
 def test_a_preset_is_a_copy() -> None:
