@@ -25,6 +25,7 @@ from fedhaven.privacy import (
     RoundPlan,
     make_private,
     noise_for_budget,
+    prior_noise,
     private_generator,
     sample_rate,
 )
@@ -105,7 +106,7 @@ def round_plan(cfg: Config, num_examples: int, *, release_prior: bool) -> RoundP
     """
     steps = steps_per_round(num_examples, cfg)
     rate = sample_rate(num_examples, min(cfg.train.batch_size, num_examples))
-    prior = [(cfg.privacy.prior_noise, 1.0, 1)] if logit_adjustment(cfg) else []
+    prior = [(prior_noise(cfg.privacy), 1.0, 1)] if logit_adjustment(cfg) else []
     sigma = noise_for_budget(cfg.privacy, rate, steps * cfg.federation.rounds, tuple(prior))
     return RoundPlan(sigma, [*(prior if release_prior else []), (sigma, rate, steps)])
 
@@ -152,7 +153,7 @@ def _label_prior(
     """
     if not logit_adjustment(cfg):
         return label_prior, (), ()
-    sigma = cfg.privacy.prior_noise if cfg.privacy.enabled else None
+    sigma = prior_noise(cfg.privacy) if cfg.privacy.enabled else None
     planned: tuple[Release, ...] = ((sigma, 1.0, 1),) if sigma is not None else ()
     if label_prior is not None:
         return label_prior, planned, ()

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from fedhaven.privacy import PRIOR_FILE, Ledger
+from fedhaven.privacy import PRIOR_FILE, Ledger, prior_noise
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +60,7 @@ def test_a_killed_run_resumes_from_its_checkpoint(
     assert all(s["last_round"] == 3 for s in summary["sites"].values())
 
     target = float(flat.get("privacy.epsilon", 8.0))  # type: ignore[arg-type]
-    prior = (from_flat(flat).privacy.prior_noise, 1.0, 1)
+    prior = (prior_noise(from_flat(flat).privacy), 1.0, 1)
     for i in range(2):
         state = out / "sites" / f"site-{i}"
         entries = Ledger(state).entries()

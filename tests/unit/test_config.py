@@ -66,7 +66,6 @@ def test_config_is_frozen() -> None:
         ("privacy.delta", -1e-5),
         ("privacy.delta", 1.5),
         ("privacy.max-grad-norm", 0),
-        ("privacy.prior-noise", 0),
         ("privacy.prior-noise", -2.0),
         ("privacy.accountant", "gdp-ish"),
         ("model.task", "token-cls"),

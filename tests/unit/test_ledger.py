@@ -27,6 +27,7 @@ from fedhaven.privacy import (
     Ledger,
     PriorStore,
     epsilon_of,
+    prior_noise,
     run_identity,
 )
 from fedhaven.training import round_plan
@@ -114,7 +115,7 @@ def test_a_restarted_site_continues_from_its_ledger(tiny_cfg: Config, tmp_path: 
         assert entry["epsilon"] == pytest.approx(fresh.get_epsilon(delta=cfg.privacy.delta))
     # the label histogram is a release too, recorded with the round that made it: once,
     # though each round's Context is fresh (the prior comes back from the site's disk)
-    assert entries[0]["releases"][0] == [cfg.privacy.prior_noise, 1.0, 1]
+    assert entries[0]["releases"][0] == [prior_noise(cfg.privacy), 1.0, 1]
     assert [len(e["releases"]) for e in entries] == [2, 1, 1]
 
 
@@ -239,7 +240,7 @@ def test_a_coordinator_config_cannot_raise_the_budget_or_cut_the_noise(
     context = _site(tmp_path, **{EPSILON_BUDGET: 8.0, DELTA: 1e-5})
     with caplog.at_level("WARNING", logger="fedhaven.client.app"):
         reply = handle_train(instruction(cfg, 1), context, cfg)
-    _refused(reply, "refused|budget exhausted|no noise level")
+    _refused(reply, "refused|budget exhausted|no noise level|alone spends")
     assert any("round 1 refused" in r.getMessage() for r in caplog.records)
     assert not (tmp_path / LEDGER_FILE).exists()
 

@@ -17,7 +17,7 @@ from fedhaven import training
 from fedhaven.config import Config, PrivacyConfig, from_flat
 from fedhaven.errors import FedhavenError
 from fedhaven.models import adapter_state, build_model, is_lora, set_adapter_state
-from fedhaven.privacy import noise_for_budget, sample_rate
+from fedhaven.privacy import epsilon_of, noise_for_budget, prior_noise, sample_rate
 from fedhaven.tasks import get_task
 from fedhaven.training import evaluate, lr_factor, steps_per_round, train_round
 
@@ -178,7 +178,7 @@ def test_epsilon_accumulates_across_rounds(tiny_cfg: Config, train_data: TensorD
     assert 0 < r1.epsilon < r2.epsilon
 
     sigma, rate = r1.noise_multiplier, sample_rate(len(train_data), cfg.train.batch_size)
-    histogram = (cfg.privacy.prior_noise, 1.0, 1)  # the label counts, released once per run
+    histogram = (prior_noise(cfg.privacy), 1.0, 1)  # the label counts, released once per run
     assert r2.noise_multiplier == sigma
     assert r2.label_prior == r1.label_prior
     assert [tuple(h) for h in r2.accountant_state["history"]] == [histogram, (sigma, rate, 4)]
@@ -193,15 +193,34 @@ def test_epsilon_accumulates_across_rounds(tiny_cfg: Config, train_data: TensorD
     assert r2.epsilon == pytest.approx(cfg.privacy.epsilon, rel=0.02)
 
 
-def test_the_default_label_histogram_costs_the_training_steps_about_5_percent_of_noise() -> None:
+@pytest.mark.parametrize("epsilon", [1.0, 8.0, 16.0])
+def test_the_default_label_histogram_costs_the_training_steps_about_5_percent_of_noise(
+    epsilon: float,
+) -> None:
     # The demo's plan under DP: 5 rounds of one full-batch step. The histogram's share of the
-    # budget is paid in the training steps' σ; a noisier histogram costs less.
-    cfg = PrivacyConfig()
+    # budget is paid in the training steps' σ; a noisier histogram costs less. At every ε:
+    # a fixed σ of 2 alone spent more than ε = 1.
+    cfg = PrivacyConfig(epsilon=epsilon)
+    sigma_h = prior_noise(cfg)
+    assert epsilon_of([(sigma_h, 1.0, 1)], cfg.delta) <= epsilon / 4
     alone = noise_for_budget(cfg, 1.0, 5)
-    default = noise_for_budget(cfg, 1.0, 5, ((cfg.prior_noise, 1.0, 1),))
-    noisier = noise_for_budget(cfg, 1.0, 5, ((4 * cfg.prior_noise, 1.0, 1),))
-    assert alone < noisier < default <= 1.06 * alone
-    assert default > 1.03 * alone  # not free: a histogram of σ = 2 is a real release
+    default = noise_for_budget(cfg, 1.0, 5, ((sigma_h, 1.0, 1),))
+    noisier = noise_for_budget(cfg, 1.0, 5, ((4 * sigma_h, 1.0, 1),))
+    assert alone < noisier < default <= 1.07 * alone
+    assert default > 1.02 * alone  # not free: the histogram is a real release
+
+
+def test_a_histogram_that_alone_spends_epsilon_is_refused_naming_its_key() -> None:
+    cfg = PrivacyConfig(epsilon=1.0, prior_noise=2.0)  # σ 2 alone spends ε = 2.17
+    with pytest.raises(FedhavenError, match=r"privacy.prior-noise = 2\) alone spends ε=2.17"):
+        noise_for_budget(cfg, 1.0, 5, ((prior_noise(cfg), 1.0, 1),))
+    assert prior_noise(cfg) == 2.0  # a value given is kept, never derived
+
+
+def test_an_epsilon_too_small_for_the_histogram_names_the_run_epsilon() -> None:
+    # a quarter of ε = 0.01 is below what the accountant's RDP orders can certify
+    with pytest.raises(FedhavenError, match=r"quarter of privacy.epsilon = 0.01 .*raise"):
+        prior_noise(PrivacyConfig(epsilon=0.01))
 
 
 def test_without_logit_adjustment_no_histogram_is_released(
