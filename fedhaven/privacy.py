@@ -129,7 +129,7 @@ def noise_for_budget(
 
 #: The share of privacy.epsilon the label histogram spends alone when privacy.prior-noise is
 #: 0 (the default): the training steps then carry about 5% more noise at any ε (at ε=8 on
-#: the demo σ 1.427 -> 1.494, σ_h 2.15; at ε=1 9.06 -> 9.45, σ_h 14.6). A fixed σ_h does
+#: the demo σ 1.427 -> 1.494, σ_h 2.16; at ε=1 9.06 -> 9.45, σ_h 15). A fixed σ_h does
 #: not scale: 2 alone spends ε=2.17, so ε <= 2 could not be reached at all.
 PRIOR_SHARE = 0.25
 

@@ -268,7 +268,7 @@ class PrivacyConfig:
     accountant: str = "rdp"
     # σ of the Gaussian noise on each label count of the site's histogram (released once per
     # run for logit adjustment, and accounted like a training step). 0: the σ at which the
-    # histogram alone spends a quarter of ε (fedhaven.privacy.prior_noise: 2.15 at ε=8, 14.6
+    # histogram alone spends a quarter of ε (fedhaven.privacy.prior_noise: 2.16 at ε=8, 15
     # at ε=1).
     # A fixed 8 buried the counts of 20 Newsgroups' sites at ε=8 (4-11 of their 20 classes
     # under 5 rows); about 2 lifted every text set at Dirichlet(0.5) by 2-3 macro-F1 points,
