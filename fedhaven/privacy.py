@@ -95,8 +95,8 @@ def noise_for_budget(
     Opacus's ``get_noise_multiplier`` search, over a history that may begin with other
     Gaussian releases (the label histogram) composed in the same accountant.
     """
-    spent = epsilon_of(list(other), cfg.delta, cfg.accountant)
-    if other and spent >= cfg.epsilon:  # no σ of the steps can help
+    spent = epsilon_of(list(other), cfg.delta, cfg.accountant)  # 0 without other releases
+    if spent >= cfg.epsilon:  # no σ of the steps can help
         raise FedhavenError(
             f"the label histogram (privacy.prior-noise = {other[0][0]:g}) alone spends "
             f"ε={spent:.2f} of privacy.epsilon = {cfg.epsilon:g}: raise privacy.prior-noise, "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedhaven.config import RECIPE, from_flat, recipe
+from fedhaven.config import RECIPE, from_flat, keys, recipe
 from fedhaven.errors import FedhavenError
 from fedhaven.presets import PRESETS, preset
 from fedhaven.tasks import get_task
@@ -31,7 +31,7 @@ def test_digits_labels_are_the_ten_digits() -> None:
 @pytest.mark.parametrize("private", [True, False])
 def test_digits_trains_with_the_recipe_with_and_without_dp(private: bool) -> None:
     # its own rates and steps were tuned to DP and diverged without it
-    flat = {**preset("digits"), "privacy.enabled": private}
+    flat = {**preset("digits"), keys.PRIVACY_ENABLED: private}
     train = from_flat(flat).to_flat()
     assert {k: train[k] for k in RECIPE} == {k: recipe(k, private) for k in RECIPE}
 
