@@ -5,13 +5,15 @@ standard library only and starts in milliseconds. It hands its arguments, enviro
 standard streams to the warm process, which forks and runs Flower's own ``flwr-clientapp``
 with them; it forwards SIGTERM / SIGINT to that fork and exits with its exit status, as the
 process the SuperExec started would. Without a warm process (not up yet, or gone) it becomes
-the real ``flwr-clientapp`` (exec), so a message is never lost to the warm start.
+the real ``flwr-clientapp`` (exec), so a message is never lost to the warm start; once a
+message is handed over it is never run a second time cold.
 
 Usage: ``launcher.py SOCKET REAL_FLWR_CLIENTAPP [flwr-clientapp arguments...]``.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -19,14 +21,11 @@ import socket
 import sys
 
 
-def _read_line(conn: socket.socket) -> str:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = conn.recv(64)
-        if not chunk:
-            raise ConnectionError("the warm process closed the connection")
-        data += chunk
-    return data.decode().strip()
+def _read_int(reply: io.BufferedReader) -> int:
+    line = reply.readline()
+    if not line.endswith(b"\n"):
+        raise ConnectionError("the warm process closed the connection")
+    return int(line)
 
 
 def main(argv: list[str]) -> int:
@@ -36,10 +35,17 @@ def main(argv: list[str]) -> int:
         conn.connect(socket_path)
         request = {"argv": args, "cwd": os.getcwd(), "env": dict(os.environ)}
         socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
-        pid = int(_read_line(conn))
-    except (OSError, ValueError, ConnectionError):
+    except OSError:
         conn.close()
         os.execv(real, [real, *args])  # the cold path: Flower's own process
+    # Buffered: a fork that ends at once sends its pid and exit status in one segment.
+    reply = conn.makefile("rb")
+    try:
+        pid = _read_int(reply)
+    except (OSError, ValueError) as e:
+        # The message was handed over and may be running: never run it a second time cold.
+        print(f"warm start: no reply from the warm process ({e})", file=sys.stderr)
+        return 1
 
     def forward(signum: int, _frame: object) -> None:
         try:
@@ -50,8 +56,8 @@ def main(argv: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
     try:
-        status = int(_read_line(conn))
-    except (OSError, ValueError, ConnectionError):
+        status = _read_int(reply)
+    except (OSError, ValueError):
         return 1
     # A fork killed by a signal reports -N: exit as a shell reports it.
     return 128 - status if status < 0 else status

@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,6 +92,47 @@ def test_a_message_runs_in_a_fork_of_the_warm_process_with_the_launchers_args_en
     assert seen["x"] == "from-the-superexec" and seen["cwd"] == str(tmp_path)
     second = json.loads(_launch(launcher, "0").stdout)
     assert second["ppid"] == proc.pid and second["pid"] != seen["pid"]  # a fork per message
+
+
+def _reply_once(sock: Path, reply: bytes) -> threading.Thread:
+    """A stand-in warm process: takes one request, sends ``reply`` in one segment, closes."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock))
+    listener.listen(1)
+
+    def serve() -> None:
+        with listener, listener.accept()[0] as conn:
+            _, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+            for fd in fds:
+                os.close(fd)
+            conn.sendall(reply)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_pid_and_exit_status_that_arrive_together_are_both_read(
+    short_dir: Path, real: str
+) -> None:
+    # A fork that ends before the launcher reads its pid: both lines in one segment. The
+    # launcher once read them as one line, failed, and ran the message again cold.
+    sock = short_dir / warm.SOCKET_NAME
+    thread = _reply_once(sock, b"4242\n7\n")
+    done = _launch(warm.install_launcher(short_dir, sock, real), "--token", "abc")
+    thread.join(10)
+    assert (done.returncode, done.stdout) == (7, "")
+
+
+def test_a_handed_over_message_without_a_reply_fails_and_is_not_run_cold(
+    short_dir: Path, real: str
+) -> None:
+    sock = short_dir / warm.SOCKET_NAME
+    thread = _reply_once(sock, b"")  # the warm process closes after taking the message
+    done = _launch(warm.install_launcher(short_dir, sock, real), "--token", "abc")
+    thread.join(10)
+    assert (done.returncode, done.stdout) == (1, "")
+    assert "no reply from the warm process" in done.stderr
 
 
 def test_without_a_warm_process_the_launcher_becomes_the_real_flwr_clientapp(
