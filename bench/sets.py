@@ -57,9 +57,16 @@ def _scores(ev: dict[str, Any]) -> dict[str, Any]:
 
 
 def measure(
-    name: str, seeds: list[int], partitions: list[str], privacies: list[str], extra: list[str]
+    name: str,
+    seeds: list[int],
+    partitions: list[str],
+    privacies: list[str],
+    extra: list[str],
+    *,
+    pooled: bool = True,
 ) -> list[dict]:
-    """The cells of one set: a dict per run (set, how, privacy, partition, seed, scores)."""
+    """The cells of one set: a dict per run (set, how, privacy, partition, seed, scores).
+    ``pooled=False`` skips the centralized runs."""
     prepared = textsets.materialize(name, runs_root() / "sets" / name)
     base = [*prepared.flags, "--sites", "10", *extra]
     cells: list[dict[str, Any]] = []
@@ -79,7 +86,7 @@ def measure(
                 )  # fmt: skip
         # pooled: the last partition's sites' training rows (which rows each site holds out
         # for validation, and their order, follow the partition)
-        for seed in seeds:
+        for seed in seeds if pooled else ():
             central = centralized(flat | {keys.TRAIN_SEED: seed}, f"{name} privacy {privacy}")
             cells.append(
                 {"set": name, "how": "centralized", "privacy": privacy, "partition": "pooled",
@@ -145,6 +152,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2", help="seeds of every cell (their median)")
     ap.add_argument("--partitions", default=",".join(PARTITIONS))
     ap.add_argument("--privacy", default="off,8", help="'off' (no DP), '8' (ε=8) or both")
+    ap.add_argument("--no-centralized", action="store_true", help="skip the centralized rows")
     a, extra = ap.parse_known_args()
     try:
         seeds = [int(s) for s in a.seeds.split(",")]
@@ -161,7 +169,9 @@ def main() -> None:
     cells = []
     for name in names:
         status(f"set {name}")
-        cells += measure(name, seeds, a.partitions.split(","), privacies, extra)
+        cells += measure(
+            name, seeds, a.partitions.split(","), privacies, extra, pooled=not a.no_centralized
+        )
     cells = merge_cells(earlier_cells(NAME), cells, KEY)  # the sets of earlier slices stay
     med = medians(cells)
     goals = goal_rows(med)

@@ -75,11 +75,12 @@ def test_a_slice_keeps_the_cells_of_other_sets(
 
 def test_privacy_slices_and_simulate_flags_pass_through(monkeypatch: pytest.MonkeyPatch) -> None:
     """`--privacy off` measures the runs without DP only, and simulate's own `--set` reaches
-    simulate: argparse would otherwise read it as an abbreviation of `--sets`."""
-    seen: list[tuple[list[str], list[str]]] = []
+    simulate: argparse would otherwise read it as an abbreviation of `--sets`.
+    `--no-centralized` skips the pooled runs."""
+    seen: list[tuple[list[str], list[str], bool]] = []
 
-    def measure(name, seeds, partitions, privacies, extra):  # type: ignore[no-untyped-def]
-        seen.append((privacies, extra))
+    def measure(name, seeds, partitions, privacies, extra, *, pooled):  # type: ignore[no-untyped-def]
+        seen.append((privacies, extra, pooled))
         return []
 
     monkeypatch.setattr(sets, "measure", measure)
@@ -87,7 +88,10 @@ def test_privacy_slices_and_simulate_flags_pass_through(monkeypatch: pytest.Monk
     argv = ["sets.py", "--sets", "sms-spam", "--privacy", "off", "--set", "model.max-length=64"]
     monkeypatch.setattr(sys, "argv", argv)
     sets.main()
-    assert seen == [(["off"], ["--set", "model.max-length=64"])]
+    assert seen == [(["off"], ["--set", "model.max-length=64"], True)]
+    monkeypatch.setattr(sys, "argv", ["sets.py", "--sets", "sms-spam", "--no-centralized"])
+    sets.main()
+    assert seen[-1] == (["off", "8"], [], False)
     monkeypatch.setattr(sys, "argv", ["sets.py", "--privacy", "4"])
     with pytest.raises(SystemExit, match="--privacy takes 'off', '8' or 'off,8', not '4'"):
         sets.main()
@@ -145,6 +149,9 @@ def test_every_cell_runs_once_per_seed_with_and_without_dp(
     assert ["--no-dp" in a for a in simulated] == [True, True, False, False]
     assert [seed for seed, _ in pooled] == [4, 7, 4, 7]
     assert {sets.medians(cells)["sms-spam", "federated", "off", "iid"]["runs"]} == {2}
+    federated_only = sets.measure("sms-spam", [4], ["iid"], ["8"], [], pooled=False)
+    assert [(c["how"], c["seed"]) for c in federated_only] == [("federated", 4)]
+    assert len(pooled) == 4  # no centralized run more
 
 
 def test_pooled_rows_encode_as_one_set_when_sites_pad_differently(
