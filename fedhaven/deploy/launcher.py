@@ -57,7 +57,8 @@ def main(argv: list[str]) -> int:
         signal.signal(sig, forward)
     try:
         status = _read_int(reply)
-    except (OSError, ValueError):
+    except (OSError, ValueError) as e:
+        print(f"warm start: no exit status from the warm process ({e})", file=sys.stderr)
         return 1
     # A fork killed by a signal reports -N: exit as a shell reports it.
     return 128 - status if status < 0 else status

@@ -151,7 +151,7 @@ def test_every_cell_runs_once_per_seed_with_and_without_dp(
     assert {sets.medians(cells)["sms-spam", "federated", "off", "iid"]["runs"]} == {2}
     federated_only = sets.measure("sms-spam", [4], ["iid"], ["8"], [], pooled=False)
     assert [(c["how"], c["seed"]) for c in federated_only] == [("federated", 4)]
-    assert len(pooled) == 4  # no centralized run more
+    assert len(pooled) == 4  # no further centralized run
 
 
 def test_pooled_rows_encode_as_one_set_when_sites_pad_differently(

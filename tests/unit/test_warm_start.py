@@ -135,6 +135,15 @@ def test_a_handed_over_message_without_a_reply_fails_and_is_not_run_cold(
     assert "no reply from the warm process" in done.stderr
 
 
+def test_a_fork_whose_exit_status_never_comes_fails_with_a_line(short_dir: Path, real: str) -> None:
+    sock = short_dir / warm.SOCKET_NAME
+    thread = _reply_once(sock, b"4242\n")  # a pid, then the warm process is gone
+    done = _launch(warm.install_launcher(short_dir, sock, real), "--token", "abc")
+    thread.join(10)
+    assert (done.returncode, done.stdout) == (1, "")
+    assert "no exit status from the warm process" in done.stderr
+
+
 def test_without_a_warm_process_the_launcher_becomes_the_real_flwr_clientapp(
     short_dir: Path, real: str
 ) -> None:
